@@ -1,0 +1,642 @@
+//! `IdempotencyLayer` and its service `Idempotency<S>`: SPEC section 5 around any HTTP
+//! service.
+//!
+//! # Concurrent duplicates
+//!
+//! The first request claims the key and executes; a duplicate finds the claim in
+//! flight and, by default, subscribes to the key and waits, answering with the
+//! original's response when it completes. If the original is released (a transient
+//! failure), the waiters claim again: one executes, the others wait on it.
+//!
+//! # Client disconnects
+//!
+//! The call runs on a task of its own, not in the response future, so a client that
+//! hangs up (dropping the future or the body) does not cancel it: the task reads the
+//! inner response to the end and stores it, and the client's retry replays it
+//! without a second call. The task renews the lease while the call is alive.
+
+use std::future::Future;
+use std::pin::{Pin, pin};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode};
+use http_body::{Body, Frame};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
+use tokio::sync::{mpsc, oneshot};
+use tower::ServiceExt;
+use tower_layer::Layer;
+use tower_service::Service;
+
+use crate::body::ResponseBody;
+use crate::clock::Timestamp;
+use crate::error::{BoxError, ErrorKind};
+use crate::fingerprint::Fingerprint;
+use crate::key::Key;
+use crate::metrics::{self as m, Outcome};
+use crate::policy::{KeyForwarding, KeyRequirement, OnInFlight, OnStoreError, Policy};
+use crate::problem::Problem;
+use crate::record::StoredResponse;
+use crate::scope::{Scope, StorageKey};
+use crate::store::{Claim, Lease, Store};
+
+/// `Idempotent-Replayed: true|false`, on every response to a keyed request.
+pub const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
+/// `x-should-retry`, which the OpenAI and Anthropic SDKs obey.
+pub const X_SHOULD_RETRY: HeaderName = HeaderName::from_static("x-should-retry");
+/// `retry-after-ms`, the millisecond twin of `Retry-After` that the SDKs prefer.
+pub const RETRY_AFTER_MS: HeaderName = HeaderName::from_static("retry-after-ms");
+/// `Prefer` (RFC 7240); `wait=N` bounds how long a duplicate waits.
+pub const PREFER: HeaderName = HeaderName::from_static("prefer");
+
+/// The request body the inner service receives: the buffered body of a keyed
+/// request, or the untouched body of a request without a key.
+///
+/// A struct rather than an alias of `UnsyncBoxBody<Bytes, BoxError>`: a trait object
+/// in a `Service` bound gets a higher-ranked lifetime, and rustc then cannot prove the
+/// owner's task `Send`.
+pub struct RequestBody(UnsyncBoxBody<Bytes, BoxError>);
+
+impl RequestBody {
+    /// Wraps any body.
+    pub fn new<B>(body: B) -> Self
+    where
+        B: Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        Self(body.map_err(Into::into).boxed_unsync())
+    }
+
+    /// A body of one buffer.
+    pub fn full(bytes: Bytes) -> Self {
+        Self::new(Full::new(bytes))
+    }
+}
+
+impl std::fmt::Debug for RequestBody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RequestBody").field("size_hint", &self.0.size_hint()).finish()
+    }
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        Pin::new(&mut self.0).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.0.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.0.size_hint()
+    }
+}
+
+/// The future of [`Idempotency`]'s responses.
+pub type ResponseFuture<E> = Pin<Box<dyn Future<Output = Result<Response<ResponseBody>, E>> + Send>>;
+
+/// Bodies above this size are fingerprinted on the blocking pool, off the runtime.
+const HASH_INLINE_LIMIT: usize = 64 * 1024;
+/// Frames buffered between the owner's task and a slow client.
+const LIVE_BUFFER: usize = 16;
+/// How often a failed `complete` is retried before the record is left to its lease.
+const COMPLETE_ATTEMPTS: u32 = 3;
+
+/// Applies idempotency keys to a service. See the [crate docs](crate).
+#[derive(Clone)]
+pub struct IdempotencyLayer {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    store: Arc<dyn Store>,
+    policy: Policy,
+}
+
+impl IdempotencyLayer {
+    /// A layer over `store` with the default [`Policy`].
+    pub fn new(store: Arc<dyn Store>) -> Self {
+        Self::with_policy(store, Policy::default())
+    }
+
+    /// A layer over `store` with `policy`.
+    pub fn with_policy(store: Arc<dyn Store>, policy: Policy) -> Self {
+        Self { shared: Arc::new(Shared { store, policy }) }
+    }
+
+    /// The policy in force.
+    pub fn policy(&self) -> &Policy {
+        &self.shared.policy
+    }
+}
+
+impl std::fmt::Debug for IdempotencyLayer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IdempotencyLayer")
+            .field("store", &self.shared.store.backend())
+            .field("policy", &self.shared.policy)
+            .finish()
+    }
+}
+
+impl<S> Layer<S> for IdempotencyLayer {
+    type Service = Idempotency<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Idempotency { inner, shared: self.shared.clone() }
+    }
+}
+
+/// The service [`IdempotencyLayer`] wraps around `S`.
+#[derive(Clone)]
+pub struct Idempotency<S> {
+    inner: S,
+    shared: Arc<Shared>,
+}
+
+impl<S> std::fmt::Debug for Idempotency<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Idempotency").field("route", &self.shared.policy.route()).finish_non_exhaustive()
+    }
+}
+
+impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for Idempotency<S>
+where
+    S: Service<Request<RequestBody>, Response = Response<ResBody>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    ReqBody: Body<Data = Bytes> + Send + 'static,
+    ReqBody::Error: Into<BoxError>,
+    ResBody: Body<Data = Bytes> + Send + 'static,
+    ResBody::Error: Into<BoxError>,
+{
+    type Response = Response<ResponseBody>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S::Error>;
+
+    /// Always ready: the inner service is driven with `oneshot` on a clone, after the
+    /// claim, because the call may outlive this service's caller.
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
+        let shared = self.shared.clone();
+        let inner = self.inner.clone();
+        Box::pin(async move {
+            let started = Instant::now();
+            let mut seen = Seen::default();
+            let res = handle(&shared, inner, req, &mut seen).await;
+            let route = shared.policy.route.clone();
+            metrics::counter!(m::REQUESTS_TOTAL, "route" => route.to_string(), "outcome" => seen.outcome.as_str())
+                .increment(1);
+            let status = res.as_ref().map_or(0, |r| r.status().as_u16());
+            tracing::info!(
+                target: "idemgate::request",
+                route = &*route,
+                outcome = seen.outcome.as_str(),
+                status,
+                latency_ms = started.elapsed().as_secs_f64() * 1000.0,
+                key = seen.key.as_ref().map(StorageKey::short).as_deref().unwrap_or("-"),
+                "request"
+            );
+            res
+        })
+    }
+}
+
+/// What the edge logs about a request.
+struct Seen {
+    outcome: Outcome,
+    key: Option<StorageKey>,
+}
+
+impl Default for Seen {
+    fn default() -> Self {
+        Self { outcome: Outcome::Bypassed, key: None }
+    }
+}
+
+async fn handle<S, ReqBody, ResBody>(
+    shared: &Arc<Shared>,
+    inner: S,
+    req: Request<ReqBody>,
+    seen: &mut Seen,
+) -> Result<Response<ResponseBody>, S::Error>
+where
+    S: Service<Request<RequestBody>, Response = Response<ResBody>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    ReqBody: Body<Data = Bytes> + Send + 'static,
+    ReqBody::Error: Into<BoxError>,
+    ResBody: Body<Data = Bytes> + Send + 'static,
+    ResBody::Error: Into<BoxError>,
+{
+    let policy = &shared.policy;
+    let key = match Key::from_headers(req.headers(), &policy.key_headers) {
+        Ok(Some(key)) => Some(key),
+        Ok(None) => policy.derived_key.as_ref().and_then(|d| d.derive(req.headers(), SystemTime::now())),
+        Err(e) => return Ok(answer(seen, Outcome::InvalidKey, Problem::InvalidKey(e))),
+    };
+    let Some(key) = key else {
+        if policy.key_requirement == KeyRequirement::Required {
+            return Ok(answer(seen, Outcome::InvalidKey, Problem::MissingKey));
+        }
+        seen.outcome = Outcome::Bypassed;
+        let req = req.map(RequestBody::new);
+        return inner.oneshot(req).await.map(|r| r.map(ResponseBody::new));
+    };
+
+    let (mut parts, body) = req.into_parts();
+    let declared = parts.headers.get(http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > policy.max_body as u64) {
+        return Ok(answer(seen, Outcome::Rejected, Problem::BodyTooLarge { limit: policy.max_body }));
+    }
+    let body = match Limited::new(body, policy.max_body).collect().await {
+        Ok(collected) => collected.to_bytes(),
+        Err(e) if e.is::<LengthLimitError>() => {
+            return Ok(answer(seen, Outcome::Rejected, Problem::BodyTooLarge { limit: policy.max_body }));
+        }
+        Err(_) => return Ok(answer(seen, Outcome::Rejected, Problem::BodyUnreadable)),
+    };
+    let fp = fingerprint(&parts, &body, &policy.fingerprint_headers).await;
+    let tenant = policy.scope.tenant(&parts.headers);
+    let skey = Scope::storage_key(&tenant, &policy.route, &key);
+    seen.key = Some(skey);
+    forward_key(&mut parts.headers, &policy.key_headers, &policy.key_forwarding);
+    let req = Request::from_parts(parts, RequestBody::full(body));
+    let wait_until = Instant::now() + wait_budget(policy, req.headers());
+
+    let store = &shared.store;
+    let backend = store.backend();
+    let mut waiting = false;
+    let mut wake = None;
+    loop {
+        if waiting {
+            // Subscribe before reading the state, so a change in between is not missed.
+            wake = Some(store.watch(&skey));
+        }
+        let claim = m::timed(backend, "claim", store.claim(&skey, &fp, policy.lease)).await;
+        match claim {
+            Ok(Claim::Acquired(lease)) => {
+                if lease.took_over {
+                    metrics::counter!(m::LEASE_TAKEOVERS_TOTAL).increment(1);
+                }
+                let (res, outcome) = execute(shared.clone(), inner, req, lease).await;
+                seen.outcome = outcome;
+                return res;
+            }
+            Ok(Claim::Completed(stored)) => {
+                if !waiting {
+                    metrics::counter!(m::DUPLICATES_TOTAL).increment(1);
+                }
+                seen.outcome = if waiting { Outcome::Joined } else { Outcome::Replayed };
+                return Ok(replay(*stored));
+            }
+            Ok(Claim::Mismatch) => return Ok(answer(seen, Outcome::Mismatch, Problem::Mismatch)),
+            Ok(Claim::InFlight { lease_until }) => {
+                if !waiting {
+                    metrics::counter!(m::DUPLICATES_TOTAL).increment(1);
+                }
+                let now = Instant::now();
+                if now >= wait_until {
+                    let retry_after = retry_after(lease_until);
+                    return Ok(answer(seen, Outcome::Conflict, Problem::InFlight { retry_after }));
+                }
+                if waiting {
+                    let nap = policy.poll_interval.min(wait_until - now);
+                    if let Some(w) = wake.take() {
+                        let _ = tokio::time::timeout(nap, w).await;
+                    }
+                }
+                waiting = true;
+            }
+            Err(e) => {
+                tracing::warn!(target: "idemgate::store", backend, error = %e, "claim failed");
+                seen.outcome = Outcome::StoreError;
+                return match policy.on_store_error {
+                    OnStoreError::FailClosed => Ok(Problem::StoreUnavailable.into_response()),
+                    OnStoreError::FailOpen => inner.oneshot(req).await.map(|r| r.map(ResponseBody::new)),
+                };
+            }
+        }
+    }
+}
+
+fn answer(seen: &mut Seen, outcome: Outcome, problem: Problem) -> Response<ResponseBody> {
+    seen.outcome = outcome;
+    problem.into_response()
+}
+
+async fn fingerprint(parts: &http::request::Parts, body: &Bytes, allow: &[HeaderName]) -> Fingerprint {
+    if body.len() <= HASH_INLINE_LIMIT {
+        return Fingerprint::compute(&parts.method, &parts.uri, &parts.headers, allow, body);
+    }
+    let job = {
+        let (method, uri, headers) = (parts.method.clone(), parts.uri.clone(), parts.headers.clone());
+        let (allow, body) = (allow.to_vec(), body.clone());
+        move || Fingerprint::compute(&method, &uri, &headers, &allow, &body)
+    };
+    match tokio::task::spawn_blocking(job).await {
+        Ok(fp) => fp,
+        // The blocking pool is shutting down; hash here rather than fail the request.
+        Err(_) => Fingerprint::compute(&parts.method, &parts.uri, &parts.headers, allow, body),
+    }
+}
+
+fn forward_key(headers: &mut HeaderMap, names: &[HeaderName], forwarding: &KeyForwarding) {
+    match forwarding {
+        KeyForwarding::Forward => {}
+        KeyForwarding::Strip => names.iter().for_each(|n| drop(headers.remove(n))),
+        KeyForwarding::Rename(to) => {
+            let value = names.iter().find_map(|n| headers.remove(n));
+            if let Some(v) = value {
+                headers.insert(to.clone(), v);
+            }
+        }
+    }
+}
+
+/// How long a duplicate may wait: `Prefer: wait=N` (seconds) lowers the route's
+/// `max_wait`; policy `conflict` makes it zero.
+fn wait_budget(policy: &Policy, headers: &HeaderMap) -> Duration {
+    if policy.on_in_flight == OnInFlight::Conflict {
+        return Duration::ZERO;
+    }
+    let preferred = headers
+        .get_all(PREFER)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .find_map(|p| p.trim().strip_prefix("wait=")?.trim().parse::<u64>().ok());
+    match preferred {
+        Some(secs) => policy.max_wait.min(Duration::from_secs(secs)),
+        None => policy.max_wait,
+    }
+}
+
+/// When to come back: when the owner's lease would run out, but between 100 ms and
+/// 1 s, since the owner usually finishes well before its lease.
+fn retry_after(lease_until: Timestamp) -> Duration {
+    let now = Timestamp::from_system_time(SystemTime::now());
+    lease_until.since(now).clamp(Duration::from_millis(100), Duration::from_secs(1))
+}
+
+fn replay(stored: StoredResponse) -> Response<ResponseBody> {
+    let mut res = Response::new(ResponseBody::from_chunks(stored.chunks));
+    *res.status_mut() = StatusCode::from_u16(stored.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let headers = res.headers_mut();
+    for (name, value) in stored.headers {
+        // Names and values were valid when recorded; skip any that are not rather than fail.
+        if let (Ok(n), Ok(v)) = (HeaderName::from_bytes(name.as_bytes()), HeaderValue::from_maybe_shared(value)) {
+            headers.append(n, v);
+        }
+    }
+    headers.insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
+    res
+}
+
+type Head<E> = Result<(http::response::Parts, mpsc::Receiver<Result<Frame<Bytes>, BoxError>>), E>;
+
+/// Runs the call as the owner of `lease`, on a task that outlives the caller.
+async fn execute<S, ResBody>(
+    shared: Arc<Shared>,
+    inner: S,
+    req: Request<RequestBody>,
+    lease: Lease,
+) -> (Result<Response<ResponseBody>, S::Error>, Outcome)
+where
+    S: Service<Request<RequestBody>, Response = Response<ResBody>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    ResBody: Body<Data = Bytes> + Send + 'static,
+    ResBody::Error: Into<BoxError>,
+{
+    let (head_tx, head_rx) = oneshot::channel::<Head<S::Error>>();
+    tokio::spawn(own(shared.clone(), inner, req, lease, head_tx));
+    match head_rx.await {
+        Ok(Ok((parts, rx))) => {
+            let outcome = if shared.policy.stores(parts.status) && !is_event_stream(&parts.headers) {
+                Outcome::Executed
+            } else {
+                Outcome::Released
+            };
+            (Ok(Response::from_parts(parts, ResponseBody::live(rx))), outcome)
+        }
+        Ok(Err(e)) => (Err(e), Outcome::Released),
+        // The task ended without an answer: it panicked. Its lease was released or
+        // will run out.
+        Err(_) => (Ok(Problem::Internal.into_response()), Outcome::Released),
+    }
+}
+
+/// Until the streaming recorder exists, an event stream is forwarded and released,
+/// never stored half-way.
+fn is_event_stream(headers: &HeaderMap) -> bool {
+    headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim_start().get(..17).is_some_and(|p| p.eq_ignore_ascii_case("text/event-stream")))
+}
+
+/// What the owner does with the key at the end.
+enum Settle {
+    Complete(StoredResponse),
+    Release,
+}
+
+/// The owner's task: call, stream the response to the client while recording it,
+/// then complete or release the key. Renews the lease throughout.
+async fn own<S, ResBody>(
+    shared: Arc<Shared>,
+    inner: S,
+    req: Request<RequestBody>,
+    lease: Lease,
+    head_tx: oneshot::Sender<Head<S::Error>>,
+) where
+    S: Service<Request<RequestBody>, Response = Response<ResBody>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    ResBody: Body<Data = Bytes> + Send + 'static,
+    ResBody::Error: Into<BoxError>,
+{
+    let _inflight = InflightGuard::new();
+    let policy = &shared.policy;
+    let store = &shared.store;
+    // The client's end of the body: dropped only after the record is settled, so a
+    // client that has read the whole body finds the record completed.
+    let mut client: Option<mpsc::Sender<Result<Frame<Bytes>, BoxError>>> = None;
+    let work = async {
+        let res = match inner.oneshot(req).await {
+            Ok(res) => res,
+            Err(e) => {
+                let _ = head_tx.send(Err(e));
+                return Settle::Release;
+            }
+        };
+        let (mut parts, body) = res.into_parts();
+        let keep = policy.stores(parts.status) && !is_event_stream(&parts.headers);
+        let headers = if keep { replay_headers(&parts.headers, &policy.replay_headers) } else { Vec::new() };
+        parts.headers.insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("false"));
+        let (tx, rx) = mpsc::channel(LIVE_BUFFER);
+        if head_tx.send(Ok((parts.clone(), rx))).is_ok() {
+            client = Some(tx);
+        }
+        let mut chunks = Vec::new();
+        // Errors become `BoxError` inside `poll_frame`, so no `ResBody::Error` (which
+        // need not be `Send`) is held across an await.
+        let mut body = pin!(body.map_err(Into::<BoxError>::into));
+        loop {
+            match body.frame().await {
+                None => break,
+                Some(Ok(frame)) => {
+                    if keep && let Some(data) = frame.data_ref() {
+                        chunks.push(data.clone());
+                    }
+                    if let Some(tx) = &client
+                        && tx.send(Ok(frame)).await.is_err()
+                    {
+                        // The client hung up; keep reading so the retry finds the result.
+                        client = None;
+                    }
+                }
+                Some(Err(e)) => {
+                    tracing::warn!(target: "idemgate::upstream", error = %e, "response body failed; releasing the key");
+                    if let Some(tx) = client.take() {
+                        let _ = tx.send(Err(e)).await;
+                    }
+                    return Settle::Release;
+                }
+            }
+        }
+        if !keep {
+            return Settle::Release;
+        }
+        let completed_at = Timestamp::from_system_time(SystemTime::now());
+        Settle::Complete(StoredResponse { status: parts.status.as_u16(), headers, chunks, completed_at })
+    };
+    let settle = renewing(work, store.as_ref(), &lease, policy.lease).await;
+    let backend = store.backend();
+    match settle {
+        Settle::Complete(response) => {
+            for attempt in 1..=COMPLETE_ATTEMPTS {
+                match m::timed(backend, "complete", store.complete(&lease, &response, policy.ttl)).await {
+                    Ok(()) => break,
+                    Err(e) if e.kind() == ErrorKind::Conflict => {
+                        metrics::counter!(m::LEASE_LOST_TOTAL).increment(1);
+                        tracing::warn!(target: "idemgate::store", key = lease.key.short(), "lease lost before complete; result not stored");
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::warn!(target: "idemgate::store", backend, attempt, error = %e, "complete failed");
+                        tokio::time::sleep(Duration::from_millis(50 * u64::from(attempt))).await;
+                    }
+                }
+            }
+        }
+        Settle::Release => {
+            if let Err(e) = m::timed(backend, "release", store.release(&lease)).await {
+                if e.kind() == ErrorKind::Conflict {
+                    metrics::counter!(m::LEASE_LOST_TOTAL).increment(1);
+                }
+                tracing::warn!(target: "idemgate::store", backend, error = %e, "release failed; the lease will run out");
+            }
+        }
+    }
+    drop(client);
+}
+
+/// Drives `work` while renewing `lease` every third of its duration.
+async fn renewing<F: Future>(work: F, store: &dyn Store, lease: &Lease, duration: Duration) -> F::Output {
+    let every = duration / 3;
+    let mut work = pin!(work);
+    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    let mut renew = true;
+    loop {
+        tokio::select! {
+            out = &mut work => return out,
+            _ = ticker.tick(), if renew => {
+                match m::timed(store.backend(), "renew", store.renew(lease, duration)).await {
+                    Ok(_) => {}
+                    Err(e) if e.kind() == ErrorKind::Conflict => {
+                        tracing::warn!(target: "idemgate::store", key = lease.key.short(), "lease lost while the call ran");
+                        renew = false;
+                    }
+                    Err(e) => tracing::warn!(target: "idemgate::store", error = %e, "lease renewal failed"),
+                }
+            }
+        }
+    }
+}
+
+fn replay_headers(headers: &HeaderMap, allow: &[HeaderName]) -> Vec<(String, Bytes)> {
+    allow
+        .iter()
+        .flat_map(|n| {
+            headers.get_all(n).iter().map(move |v| (n.as_str().to_owned(), Bytes::copy_from_slice(v.as_bytes())))
+        })
+        .collect()
+}
+
+struct InflightGuard;
+
+impl InflightGuard {
+    fn new() -> Self {
+        metrics::gauge!(m::INFLIGHT).increment(1.0);
+        Self
+    }
+}
+
+impl Drop for InflightGuard {
+    fn drop(&mut self) {
+        metrics::gauge!(m::INFLIGHT).decrement(1.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefer_wait_lowers_the_budget() {
+        let policy = Policy::default().with_max_wait(Duration::from_secs(60));
+        let mut h = HeaderMap::new();
+        assert_eq!(wait_budget(&policy, &h), Duration::from_secs(60));
+        h.insert(PREFER, HeaderValue::from_static("respond-async, wait=0"));
+        assert_eq!(wait_budget(&policy, &h), Duration::ZERO);
+        h.insert(PREFER, HeaderValue::from_static("wait=600"));
+        assert_eq!(wait_budget(&policy, &h), Duration::from_secs(60));
+        let conflict = policy.with_on_in_flight(OnInFlight::Conflict);
+        assert_eq!(wait_budget(&conflict, &HeaderMap::new()), Duration::ZERO);
+    }
+
+    #[test]
+    fn event_streams_are_recognised() {
+        let mut h = HeaderMap::new();
+        h.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream; charset=utf-8"));
+        assert!(is_event_stream(&h));
+        h.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        assert!(!is_event_stream(&h));
+    }
+
+    #[test]
+    fn key_forwarding_renames_and_strips() {
+        let names = [crate::IDEMPOTENCY_KEY];
+        let mut h = HeaderMap::new();
+        h.insert(crate::IDEMPOTENCY_KEY, HeaderValue::from_static("k"));
+        forward_key(&mut h, &names, &KeyForwarding::Rename(HeaderName::from_static("x-upstream-key")));
+        assert_eq!(h.get("x-upstream-key").unwrap(), "k");
+        assert!(h.get(crate::IDEMPOTENCY_KEY).is_none());
+        let mut h = HeaderMap::new();
+        h.insert(crate::IDEMPOTENCY_KEY, HeaderValue::from_static("k"));
+        forward_key(&mut h, &names, &KeyForwarding::Strip);
+        assert!(h.is_empty());
+    }
+}

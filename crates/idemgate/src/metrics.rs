@@ -1,0 +1,93 @@
+//! The metrics the engine emits through the `metrics` facade. The library owns no
+//! registry: the binary installs a recorder (Prometheus in `idemgate serve`), and a
+//! library user may install any other or none.
+
+use std::future::Future;
+use std::time::Instant;
+
+/// Requests by `route` and `outcome` (see [`Outcome`]).
+pub const REQUESTS_TOTAL: &str = "idemgate_requests_total";
+/// Requests that found their key already claimed or completed.
+pub const DUPLICATES_TOTAL: &str = "idemgate_duplicates_total";
+/// Store operation latency in seconds, by `backend` and `op`.
+pub const STORE_OP_SECONDS: &str = "idemgate_store_op_seconds";
+/// Store operations that failed, by `backend` and `op`.
+pub const STORE_ERRORS_TOTAL: &str = "idemgate_store_errors_total";
+/// Calls this process is executing for a key right now.
+pub const INFLIGHT: &str = "idemgate_inflight";
+/// Claims that took over an expired lease.
+pub const LEASE_TAKEOVERS_TOTAL: &str = "idemgate_lease_takeovers_total";
+/// Completions or releases refused because the lease had been lost.
+pub const LEASE_LOST_TOTAL: &str = "idemgate_lease_lost_total";
+
+/// What happened to one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Outcome {
+    /// Forwarded under a fresh claim; the result is being recorded.
+    Executed,
+    /// Forwarded under a claim, with a result that will not be stored (a transient
+    /// status or a failure): the claim is released so a retry executes again.
+    Released,
+    /// Answered from a completed record.
+    Replayed,
+    /// Waited for the in-flight original and got its result.
+    Joined,
+    /// The original was in flight and the request was not allowed to wait: 409.
+    Conflict,
+    /// The key was used for another request: 422.
+    Mismatch,
+    /// No key: forwarded without protection.
+    Bypassed,
+    /// The key (or a required key) was missing or malformed: 400.
+    InvalidKey,
+    /// The request was refused before any claim (body too large or unreadable).
+    Rejected,
+    /// The store failed: 503, or forwarded without protection under `fail_open`.
+    StoreError,
+}
+
+impl Outcome {
+    /// The label value.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Executed => "executed",
+            Self::Released => "released",
+            Self::Replayed => "replayed",
+            Self::Joined => "joined",
+            Self::Conflict => "conflict",
+            Self::Mismatch => "mismatch",
+            Self::Bypassed => "bypassed",
+            Self::InvalidKey => "invalid_key",
+            Self::Rejected => "rejected",
+            Self::StoreError => "store_error",
+        }
+    }
+}
+
+/// Registers descriptions of every metric with the installed recorder.
+pub fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram};
+    describe_counter!(REQUESTS_TOTAL, "Requests by route and outcome");
+    describe_counter!(DUPLICATES_TOTAL, "Requests whose key was already claimed or completed");
+    describe_histogram!(STORE_OP_SECONDS, metrics::Unit::Seconds, "Store operation latency by backend and op");
+    describe_counter!(STORE_ERRORS_TOTAL, "Store operations that failed, by backend and op");
+    describe_gauge!(INFLIGHT, "Keyed calls this process is executing now");
+    describe_counter!(LEASE_TAKEOVERS_TOTAL, "Claims that took over an expired lease");
+    describe_counter!(LEASE_LOST_TOTAL, "Completions or releases refused because the lease was lost");
+}
+
+/// Runs a store operation, recording its latency (and failure) by backend and op.
+pub(crate) async fn timed<T, E>(
+    backend: &'static str,
+    op: &'static str,
+    fut: impl Future<Output = Result<T, E>>,
+) -> Result<T, E> {
+    let start = Instant::now();
+    let res = fut.await;
+    metrics::histogram!(STORE_OP_SECONDS, "backend" => backend, "op" => op).record(start.elapsed());
+    if res.is_err() {
+        metrics::counter!(STORE_ERRORS_TOTAL, "backend" => backend, "op" => op).increment(1);
+    }
+    res
+}

@@ -1,0 +1,287 @@
+//! What a store keeps for a key: an in-flight claim or a completed response.
+//!
+//! A response is kept as status, headers and the body as the sequence of chunks it
+//! arrived in, so that a replay can keep the original chunk boundaries (which matters
+//! for streams). The binary encoding is versioned; a version this build does not know
+//! fails closed as [`StoreError::corrupt`](crate::StoreError::corrupt).
+
+use std::fmt;
+
+use bytes::Bytes;
+
+use crate::clock::Timestamp;
+use crate::error::StoreError;
+use crate::fingerprint::Fingerprint;
+use crate::scope::StorageKey;
+
+/// The fencing token of one claim. Every `complete`, `release` and `renew` must
+/// present it, so an owner that lost its lease can never overwrite its successor.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Token(u128);
+
+impl Token {
+    /// A fresh token (a UUIDv7: unique, and ordered by creation time).
+    pub fn generate() -> Self {
+        Self(uuid::Uuid::now_v7().as_u128())
+    }
+
+    /// A token from its 128 bits.
+    pub const fn from_u128(v: u128) -> Self {
+        Self(v)
+    }
+
+    /// The 128 bits.
+    pub const fn as_u128(self) -> u128 {
+        self.0
+    }
+
+    /// The canonical text form (a UUID), as stores write it.
+    pub fn to_text(self) -> String {
+        uuid::Uuid::from_u128(self.0).to_string()
+    }
+
+    /// Parses the text form.
+    pub fn from_text(s: &str) -> Option<Self> {
+        uuid::Uuid::parse_str(s).ok().map(|u| Self(u.as_u128()))
+    }
+}
+
+impl fmt::Debug for Token {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Token({})", self.to_text())
+    }
+}
+
+/// A response as recorded: status, the replayable headers and the body chunks.
+#[derive(Clone, PartialEq, Eq)]
+pub struct StoredResponse {
+    /// The HTTP status code.
+    pub status: u16,
+    /// Header names (lowercase) and raw values, in the order received.
+    pub headers: Vec<(String, Bytes)>,
+    /// The body, as the chunks it arrived in.
+    pub chunks: Vec<Bytes>,
+    /// When the original call completed.
+    pub completed_at: Timestamp,
+}
+
+impl fmt::Debug for StoredResponse {
+    // Bodies may hold user data: debug output shows sizes only.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StoredResponse")
+            .field("status", &self.status)
+            .field("headers", &self.headers.iter().map(|(n, _)| n).collect::<Vec<_>>())
+            .field("chunks", &self.chunks.len())
+            .field("body_len", &self.body_len())
+            .field("completed_at", &self.completed_at)
+            .finish()
+    }
+}
+
+const MAGIC: &[u8; 4] = b"IDGR";
+const VERSION: u8 = 1;
+
+impl StoredResponse {
+    /// The body length in bytes.
+    pub fn body_len(&self) -> usize {
+        self.chunks.iter().map(Bytes::len).sum()
+    }
+
+    /// The body as one contiguous buffer.
+    pub fn body(&self) -> Bytes {
+        match self.chunks.as_slice() {
+            [] => Bytes::new(),
+            [one] => one.clone(),
+            many => many.concat().into(),
+        }
+    }
+
+    /// Encodes the response for a store (format version 1, see `decode`).
+    pub fn encode(&self) -> Vec<u8> {
+        let header_len: usize = self.headers.iter().map(|(n, v)| 6 + n.len() + v.len()).sum();
+        let mut out = Vec::with_capacity(32 + header_len + 4 * self.chunks.len() + self.body_len());
+        out.extend_from_slice(MAGIC);
+        out.push(VERSION);
+        out.extend_from_slice(&self.status.to_be_bytes());
+        out.extend_from_slice(&self.completed_at.as_millis().to_be_bytes());
+        out.extend_from_slice(&(self.headers.len() as u32).to_be_bytes());
+        for (name, value) in &self.headers {
+            out.extend_from_slice(&(name.len() as u16).to_be_bytes());
+            out.extend_from_slice(name.as_bytes());
+            out.extend_from_slice(&(value.len() as u32).to_be_bytes());
+            out.extend_from_slice(value);
+        }
+        out.extend_from_slice(&(self.chunks.len() as u32).to_be_bytes());
+        for chunk in &self.chunks {
+            out.extend_from_slice(&(chunk.len() as u32).to_be_bytes());
+            out.extend_from_slice(chunk);
+        }
+        out
+    }
+
+    /// Decodes what [`encode`](Self::encode) wrote. Chunks borrow from `buf`, no copy.
+    ///
+    /// Layout, all integers big-endian: `"IDGR"`, version `u8` (1), status `u16`,
+    /// completed-at `u64` ms, header count `u32`, then per header name length `u16`,
+    /// name, value length `u32`, value; chunk count `u32`, then per chunk length `u32`
+    /// and bytes. Nothing may follow.
+    pub fn decode(buf: Bytes) -> Result<Self, StoreError> {
+        let mut r = Reader { buf, pos: 0 };
+        if r.take(4)?.as_ref() != MAGIC {
+            return Err(StoreError::corrupt("stored response has no IDGR header"));
+        }
+        let version = r.u8()?;
+        if version != VERSION {
+            return Err(StoreError::corrupt(format!(
+                "stored response has format version {version}; this build reads version {VERSION}"
+            )));
+        }
+        let status = r.u16()?;
+        let completed_at = Timestamp::from_millis(r.u64()?);
+        let n = r.u32()? as usize;
+        let mut headers = Vec::with_capacity(n.min(256));
+        for _ in 0..n {
+            let len = r.u16()? as usize;
+            let name = String::from_utf8(r.take(len)?.to_vec())
+                .map_err(|_| StoreError::corrupt("stored header name is not UTF-8"))?;
+            let len = r.u32()? as usize;
+            headers.push((name, r.take(len)?));
+        }
+        let n = r.u32()? as usize;
+        let mut chunks = Vec::with_capacity(n.min(4096));
+        for _ in 0..n {
+            let len = r.u32()? as usize;
+            chunks.push(r.take(len)?);
+        }
+        if r.pos != r.buf.len() {
+            return Err(StoreError::corrupt("stored response has trailing bytes"));
+        }
+        Ok(Self { status, headers, chunks, completed_at })
+    }
+}
+
+struct Reader {
+    buf: Bytes,
+    pos: usize,
+}
+
+impl Reader {
+    fn take(&mut self, n: usize) -> Result<Bytes, StoreError> {
+        let end = self.pos.checked_add(n).filter(|&e| e <= self.buf.len());
+        let end = end.ok_or_else(|| StoreError::corrupt("stored response is truncated"))?;
+        let out = self.buf.slice(self.pos..end);
+        self.pos = end;
+        Ok(out)
+    }
+
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], StoreError> {
+        let b = self.take(N)?;
+        let mut out = [0u8; N];
+        out.copy_from_slice(&b);
+        Ok(out)
+    }
+
+    fn u8(&mut self) -> Result<u8, StoreError> {
+        Ok(self.array::<1>()?[0])
+    }
+
+    fn u16(&mut self) -> Result<u16, StoreError> {
+        self.array().map(u16::from_be_bytes)
+    }
+
+    fn u32(&mut self) -> Result<u32, StoreError> {
+        self.array().map(u32::from_be_bytes)
+    }
+
+    fn u64(&mut self) -> Result<u64, StoreError> {
+        self.array().map(u64::from_be_bytes)
+    }
+}
+
+/// A record as a store holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    /// Where it lives.
+    pub key: StorageKey,
+    /// The fingerprint of the request that claimed the key.
+    pub fingerprint: Fingerprint,
+    /// When the key was first claimed.
+    pub created_at: Timestamp,
+    /// In flight or completed.
+    pub state: RecordState,
+}
+
+/// The two states a stored record can be in (absent is no record).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RecordState {
+    /// A request owns the key and is running.
+    InFlight {
+        /// The owner's fencing token.
+        token: Token,
+        /// When the lease runs out unless renewed.
+        lease_until: Timestamp,
+    },
+    /// The response is recorded.
+    Completed {
+        /// The recorded response.
+        response: StoredResponse,
+        /// When the record expires.
+        expires_at: Timestamp,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> StoredResponse {
+        StoredResponse {
+            status: 201,
+            headers: vec![
+                ("content-type".into(), Bytes::from_static(b"application/json")),
+                ("x-request-id".into(), Bytes::from_static(b"req_1")),
+            ],
+            chunks: vec![Bytes::from_static(b"{\"a\":"), Bytes::new(), Bytes::from_static(b"1}")],
+            completed_at: Timestamp::from_millis(1_700_000_000_123),
+        }
+    }
+
+    #[test]
+    fn round_trips_with_chunk_boundaries() {
+        let r = sample();
+        let back = StoredResponse::decode(Bytes::from(r.encode())).unwrap();
+        assert_eq!(back, r);
+        assert_eq!(back.body(), Bytes::from_static(b"{\"a\":1}"));
+        let empty = StoredResponse { chunks: vec![], headers: vec![], ..sample() };
+        assert_eq!(StoredResponse::decode(Bytes::from(empty.encode())).unwrap(), empty);
+    }
+
+    /// A record written by version 0.1.0; later versions must keep decoding it.
+    #[test]
+    fn decodes_the_v1_fixture() {
+        let fixture = include_bytes!("../tests/fixtures/stored-response-v1.bin");
+        assert_eq!(StoredResponse::decode(Bytes::from_static(fixture)).unwrap(), sample());
+    }
+
+    #[test]
+    fn every_truncation_and_unknown_versions_fail_closed() {
+        let enc = sample().encode();
+        for cut in 0..enc.len() {
+            let err = StoredResponse::decode(Bytes::copy_from_slice(&enc[..cut])).unwrap_err();
+            assert_eq!(err.kind(), crate::ErrorKind::Corrupt);
+        }
+        let mut v2 = enc.clone();
+        v2[4] = 2;
+        assert!(StoredResponse::decode(Bytes::from(v2)).is_err());
+        let mut trailing = enc;
+        trailing.push(0);
+        assert!(StoredResponse::decode(Bytes::from(trailing)).is_err());
+    }
+
+    #[test]
+    fn tokens_round_trip_as_text() {
+        let t = Token::generate();
+        assert_eq!(Token::from_text(&t.to_text()), Some(t));
+        assert_ne!(Token::generate(), t);
+    }
+}

@@ -1,0 +1,196 @@
+//! An in-process store, for tests and for gateways that may forget everything on restart.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use futures_util::FutureExt;
+use futures_util::future::{BoxFuture, ready};
+
+use super::{Claim, Decision, Existing, Lease, Notifier, STALE_IN_FLIGHT_GRACE, Store, decide};
+use crate::clock::{Clock, SystemClock, Timestamp};
+use crate::error::StoreError;
+use crate::fingerprint::Fingerprint;
+use crate::record::{Record, RecordState, StoredResponse, Token};
+use crate::scope::StorageKey;
+
+/// A store in a `HashMap` behind a mutex.
+///
+/// # Behavior
+///
+/// - Expiry: completed records are served until their TTL from completion, then
+///   treated as absent; [`Store::sweep`] deletes them.
+/// - Lost connection: there is none; the store lives and dies with the process.
+/// - A lease dropped without `complete` or `release` runs out after its duration, and
+///   the next claim takes the key over.
+pub struct MemoryStore {
+    records: Mutex<HashMap<StorageKey, Record>>,
+    notifier: Notifier,
+    clock: Arc<dyn Clock>,
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl std::fmt::Debug for MemoryStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryStore").field("records", &self.lock().len()).finish_non_exhaustive()
+    }
+}
+
+impl MemoryStore {
+    /// An empty store on the system clock.
+    pub fn new() -> Self {
+        Self { records: Mutex::default(), notifier: Notifier::new(), clock: Arc::new(SystemClock) }
+    }
+
+    /// Reads time from `clock` instead (tests move a [`ManualClock`](crate::ManualClock)).
+    pub fn with_clock(mut self, clock: impl Clock) -> Self {
+        self.clock = Arc::new(clock);
+        self
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HashMap<StorageKey, Record>> {
+        // A panic while holding the lock cannot leave a record half-written: every
+        // update below is a single insert or remove.
+        self.records.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn claim_now(&self, key: &StorageKey, fp: &Fingerprint, lease: Duration) -> Claim {
+        let now = self.clock.now();
+        let mut records = self.lock();
+        let existing = records.get(key);
+        match decide(existing.map(existing_of), fp, now) {
+            Decision::Acquire { replaces } => {
+                let token = Token::generate();
+                let lease_until = now + lease;
+                let record = Record {
+                    key: *key,
+                    fingerprint: *fp,
+                    created_at: now,
+                    state: RecordState::InFlight { token, lease_until },
+                };
+                records.insert(*key, record);
+                Claim::Acquired(Lease { key: *key, token, lease_until, took_over: replaces.is_some() })
+            }
+            Decision::InFlight { lease_until } => Claim::InFlight { lease_until },
+            Decision::Completed => match existing.map(|r| &r.state) {
+                Some(RecordState::Completed { response, .. }) => Claim::Completed(Box::new(response.clone())),
+                _ => unreachable!("decide answers Completed only for a completed record"),
+            },
+            Decision::Mismatch => Claim::Mismatch,
+        }
+    }
+
+    /// Runs `f` on the record if `lease` still owns it.
+    fn fenced<T>(&self, lease: &Lease, f: impl FnOnce(&mut Record) -> T) -> Result<T, StoreError> {
+        let mut records = self.lock();
+        match records.get_mut(&lease.key) {
+            Some(r) if matches!(r.state, RecordState::InFlight { token, .. } if token == lease.token) => Ok(f(r)),
+            _ => Err(StoreError::lease_lost()),
+        }
+    }
+}
+
+fn existing_of(r: &Record) -> Existing {
+    match &r.state {
+        RecordState::InFlight { token, lease_until } => {
+            Existing::InFlight { fingerprint: r.fingerprint, token: *token, lease_until: *lease_until }
+        }
+        RecordState::Completed { expires_at, .. } => {
+            Existing::Completed { fingerprint: r.fingerprint, expires_at: *expires_at }
+        }
+    }
+}
+
+impl Store for MemoryStore {
+    fn backend(&self) -> &'static str {
+        "memory"
+    }
+
+    fn claim<'a>(
+        &'a self,
+        key: &'a StorageKey,
+        fp: &'a Fingerprint,
+        lease: Duration,
+    ) -> BoxFuture<'a, Result<Claim, StoreError>> {
+        ready(Ok(self.claim_now(key, fp, lease))).boxed()
+    }
+
+    fn renew<'a>(&'a self, lease: &'a Lease, duration: Duration) -> BoxFuture<'a, Result<Timestamp, StoreError>> {
+        let until = self.clock.now() + duration;
+        let res = self.fenced(lease, |r| {
+            r.state = RecordState::InFlight { token: lease.token, lease_until: until };
+            until
+        });
+        ready(res).boxed()
+    }
+
+    fn complete<'a>(
+        &'a self,
+        lease: &'a Lease,
+        response: &'a StoredResponse,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        let expires_at = response.completed_at + ttl;
+        let res = self.fenced(lease, |r| {
+            r.state = RecordState::Completed { response: response.clone(), expires_at };
+        });
+        if res.is_ok() {
+            self.notifier.notify(&lease.key);
+        }
+        ready(res).boxed()
+    }
+
+    fn release<'a>(&'a self, lease: &'a Lease) -> BoxFuture<'a, Result<(), StoreError>> {
+        let res = self.fenced(lease, |_| ());
+        if res.is_ok() {
+            self.lock().remove(&lease.key);
+            self.notifier.notify(&lease.key);
+        }
+        ready(res).boxed()
+    }
+
+    fn get<'a>(&'a self, key: &'a StorageKey) -> BoxFuture<'a, Result<Option<Record>, StoreError>> {
+        ready(Ok(self.lock().get(key).cloned())).boxed()
+    }
+
+    fn purge<'a>(&'a self, key: &'a StorageKey) -> BoxFuture<'a, Result<bool, StoreError>> {
+        let existed = self.lock().remove(key).is_some();
+        if existed {
+            self.notifier.notify(key);
+        }
+        ready(Ok(existed)).boxed()
+    }
+
+    fn sweep(&self, limit: usize) -> BoxFuture<'_, Result<usize, StoreError>> {
+        let now = self.clock.now();
+        let mut records = self.lock();
+        let expired: Vec<StorageKey> = records
+            .values()
+            .filter(|r| match &r.state {
+                RecordState::Completed { expires_at, .. } => *expires_at <= now,
+                RecordState::InFlight { lease_until, .. } => *lease_until + STALE_IN_FLIGHT_GRACE <= now,
+            })
+            .map(|r| r.key)
+            .take(limit)
+            .collect();
+        for key in &expired {
+            records.remove(key);
+        }
+        drop(records);
+        self.notifier.prune();
+        ready(Ok(expired.len())).boxed()
+    }
+
+    fn watch(&self, key: &StorageKey) -> BoxFuture<'static, ()> {
+        self.notifier.subscribe(key)
+    }
+
+    fn ping(&self) -> BoxFuture<'_, Result<(), StoreError>> {
+        ready(Ok(())).boxed()
+    }
+}
