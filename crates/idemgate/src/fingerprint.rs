@@ -68,6 +68,13 @@ impl Fingerprint {
     pub fn to_hex(&self) -> String {
         hex::encode(self.0)
     }
+
+    /// Parses the hex form (as stores that keep text write it).
+    pub fn from_hex(s: &str) -> Option<Self> {
+        let mut out = [0u8; 32];
+        hex::decode_to_slice(s, &mut out).ok()?;
+        Some(Self(out))
+    }
 }
 
 impl fmt::Debug for Fingerprint {

@@ -62,7 +62,7 @@ pub mod key;
 pub mod layer;
 pub mod metrics;
 pub mod policy;
-mod problem;
+pub mod problem;
 pub mod record;
 pub mod scope;
 pub mod store;

@@ -91,35 +91,49 @@ impl Problem {
     }
 
     pub(crate) fn into_response(self) -> Response<ResponseBody> {
-        let status = self.status();
-        let slug = self.slug();
-        let body = serde_json::json!({
-            "type": format!("{PROBLEM_BASE}{slug}"),
-            "title": self.title(),
-            "status": status.as_u16(),
-            "detail": self.detail(),
-            "error": {
-                "type": "idempotency_error",
-                "code": slug.replace('-', "_"),
-                "message": format!("{}: {}", self.title(), self.detail()),
-            },
-        });
-        let mut res = Response::new(ResponseBody::full(body.to_string()));
-        *res.status_mut() = status;
-        let h = res.headers_mut();
-        h.insert(CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
-        h.insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("false"));
-        h.insert(X_SHOULD_RETRY, HeaderValue::from_static(if self.should_retry() { "true" } else { "false" }));
-        let retry_after = match self {
-            Self::InFlight { retry_after } => Some(retry_after),
+        let retry_after = match &self {
+            Self::InFlight { retry_after } => Some(*retry_after),
             Self::StoreUnavailable => Some(Duration::from_secs(1)),
             _ => None,
         };
-        if let Some(d) = retry_after {
-            let secs = d.as_secs_f64().ceil().max(1.0) as u64;
-            h.insert(RETRY_AFTER, HeaderValue::from(secs));
-            h.insert(RETRY_AFTER_MS, HeaderValue::from(d.as_millis().max(1) as u64));
-        }
-        res
+        response(self.status(), self.slug(), self.title(), &self.detail(), self.should_retry(), retry_after)
     }
+}
+
+/// A problem response: `application/problem+json` with `type` = [`PROBLEM_BASE`] +
+/// `slug`, an OpenAI/Anthropic-shaped `error` object, `x-should-retry`, and, when
+/// `retry_after` is set, `Retry-After` (whole seconds, at least 1) and `retry-after-ms`.
+///
+/// The one place where idemgate's own answers are shaped; the proxy uses it too.
+pub fn response(
+    status: StatusCode,
+    slug: &str,
+    title: &str,
+    detail: &str,
+    should_retry: bool,
+    retry_after: Option<Duration>,
+) -> Response<ResponseBody> {
+    let body = serde_json::json!({
+        "type": format!("{PROBLEM_BASE}{slug}"),
+        "title": title,
+        "status": status.as_u16(),
+        "detail": detail,
+        "error": {
+            "type": "idempotency_error",
+            "code": slug.replace('-', "_"),
+            "message": format!("{title}: {detail}"),
+        },
+    });
+    let mut res = Response::new(ResponseBody::full(body.to_string()));
+    *res.status_mut() = status;
+    let h = res.headers_mut();
+    h.insert(CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
+    h.insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("false"));
+    h.insert(X_SHOULD_RETRY, HeaderValue::from_static(if should_retry { "true" } else { "false" }));
+    if let Some(d) = retry_after {
+        let secs = d.as_secs_f64().ceil().max(1.0) as u64;
+        h.insert(RETRY_AFTER, HeaderValue::from(secs));
+        h.insert(RETRY_AFTER_MS, HeaderValue::from(d.as_millis().max(1) as u64));
+    }
+    res
 }

@@ -205,7 +205,7 @@ pub struct Record {
     pub key: StorageKey,
     /// The fingerprint of the request that claimed the key.
     pub fingerprint: Fingerprint,
-    /// When the key was first claimed.
+    /// When the current claim was made (a takeover of an expired lease starts a new one).
     pub created_at: Timestamp,
     /// In flight or completed.
     pub state: RecordState,

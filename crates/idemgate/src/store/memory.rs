@@ -146,9 +146,18 @@ impl Store for MemoryStore {
     }
 
     fn release<'a>(&'a self, lease: &'a Lease) -> BoxFuture<'a, Result<(), StoreError>> {
-        let res = self.fenced(lease, |_| ());
+        // Check and remove under one lock: a takeover in between must not be deleted.
+        let res = {
+            let mut records = self.lock();
+            match records.get(&lease.key) {
+                Some(r) if matches!(r.state, RecordState::InFlight { token, .. } if token == lease.token) => {
+                    records.remove(&lease.key);
+                    Ok(())
+                }
+                _ => Err(StoreError::lease_lost()),
+            }
+        };
         if res.is_ok() {
-            self.lock().remove(&lease.key);
             self.notifier.notify(&lease.key);
         }
         ready(res).boxed()

@@ -15,7 +15,7 @@ mod notify;
 
 use std::time::Duration;
 
-use futures_util::future::BoxFuture;
+pub use futures_util::future::BoxFuture;
 
 pub use self::memory::MemoryStore;
 pub use self::notify::Notifier;
@@ -56,7 +56,7 @@ pub enum Claim {
 
 /// An idempotency store. Object-safe: the gateway holds an `Arc<dyn Store>`.
 ///
-/// Every backend passes `idemgate_testkit::store_suite`, which is the precise
+/// Every backend passes `idemgate_testkit::store_suite!`, which is the precise
 /// statement of these rules:
 ///
 /// - `claim` is atomic: of any number of concurrent claims on an absent key, exactly
