@@ -1,0 +1,195 @@
+//! The writer thread: the one connection that touches the file, fed by a channel,
+//! committing in groups.
+//!
+//! SQLite calls block, so none of them runs on a tokio worker. The thread blocks for
+//! the first queued operation, takes whatever else is queued (up to [`MAX_BATCH`]),
+//! runs them all in one `BEGIN IMMEDIATE` transaction, each inside its own savepoint,
+//! commits, and only then answers them and wakes their waiters. Under load one commit
+//! (one WAL append) thus serves many requests; when idle an operation waits for no
+//! one. Because this thread is the only writer in the process, a claim's read and
+//! write cannot interleave with another claim's.
+
+use std::sync::Arc;
+use std::sync::mpsc::{Receiver, Sender, channel};
+use std::thread::{self, JoinHandle};
+
+use idemgate::store::Notifier;
+use idemgate::{Clock, StorageKey, StoreError, Timestamp};
+use rusqlite::{Connection, TransactionBehavior};
+use tokio::sync::oneshot;
+
+use crate::schema::sqlite_error;
+
+/// The most operations one transaction carries. Enough to amortise the commit;
+/// small enough that the first operation in a batch is not kept waiting long.
+pub(crate) const MAX_BATCH: usize = 256;
+
+/// One queued operation.
+pub(crate) trait Job: Send {
+    /// Runs the operation inside the current savepoint; whether it succeeded (and
+    /// its changes are to be kept).
+    fn run(&mut self, conn: &Connection, now: Timestamp) -> bool;
+
+    /// Answers the caller once the batch is over: with its own outcome if the batch
+    /// committed, or with `failure` if it did not.
+    fn finish(self: Box<Self>, failure: Option<&Failure>, notifier: &Notifier);
+}
+
+/// Why a whole batch failed: it could not begin, a savepoint could not be taken or
+/// undone, or the commit failed. Nothing in the batch was written.
+#[derive(Debug)]
+pub(crate) struct Failure {
+    context: &'static str,
+    error: rusqlite::Error,
+}
+
+impl Failure {
+    fn new(context: &'static str) -> impl FnOnce(rusqlite::Error) -> Self {
+        move |error| Self { context, error }
+    }
+
+    fn to_error(&self) -> StoreError {
+        // One failure answers many callers, and errors are not `Clone`: each gets
+        // its own copy, with SQLite's message (and code) kept.
+        match self.error.sqlite_error() {
+            Some(&code) => {
+                sqlite_error(self.context)(rusqlite::Error::SqliteFailure(code, Some(self.error.to_string())))
+            }
+            None => StoreError::unavailable(self.context, self.error.to_string()),
+        }
+    }
+}
+
+/// An operation `op` and where its answer goes.
+pub(crate) struct Task<T, F> {
+    op: Option<F>,
+    outcome: Option<Result<T, StoreError>>,
+    /// A key whose waiters are woken once the operation is committed.
+    wake: Option<StorageKey>,
+    reply: oneshot::Sender<Result<T, StoreError>>,
+}
+
+impl<T, F> Task<T, F>
+where
+    T: Send + 'static,
+    F: FnOnce(&Connection, Timestamp) -> Result<T, StoreError> + Send + 'static,
+{
+    /// A task and the receiver of its answer.
+    pub(crate) fn job(op: F, wake: Option<StorageKey>) -> (Box<dyn Job>, oneshot::Receiver<Result<T, StoreError>>) {
+        let (reply, rx) = oneshot::channel();
+        (Box::new(Self { op: Some(op), outcome: None, wake, reply }), rx)
+    }
+}
+
+impl<T, F> Job for Task<T, F>
+where
+    T: Send + 'static,
+    F: FnOnce(&Connection, Timestamp) -> Result<T, StoreError> + Send + 'static,
+{
+    fn run(&mut self, conn: &Connection, now: Timestamp) -> bool {
+        let Some(op) = self.op.take() else { return false };
+        let outcome = op(conn, now);
+        let ok = outcome.is_ok();
+        self.outcome = Some(outcome);
+        ok
+    }
+
+    fn finish(self: Box<Self>, failure: Option<&Failure>, notifier: &Notifier) {
+        let answer = match (self.outcome, failure) {
+            // The operation's own error stands either way: its savepoint was rolled
+            // back, so it changed nothing whether or not the batch committed.
+            (Some(Err(e)), _) => Err(e),
+            (Some(Ok(value)), None) => {
+                if let Some(key) = self.wake {
+                    notifier.notify(&key);
+                }
+                Ok(value)
+            }
+            (_, Some(failure)) => Err(failure.to_error()),
+            (None, None) => Err(StoreError::unavailable("sqlite writer skipped an operation", "it was never run")),
+        };
+        // The caller may have stopped waiting; the work is done regardless.
+        let _ = self.reply.send(answer);
+    }
+}
+
+/// The handle of the writer thread. Dropping it closes the channel, lets the thread
+/// finish what is queued, and waits for it to close the connection.
+pub(crate) struct Writer {
+    jobs: Option<Sender<Box<dyn Job>>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Writer {
+    /// Starts the thread, which owns `conn` from now on.
+    pub(crate) fn spawn(conn: Connection, clock: Arc<dyn Clock>, notifier: Arc<Notifier>) -> Result<Self, StoreError> {
+        let (jobs, rx) = channel();
+        let thread = thread::Builder::new()
+            .name("idemgate-sqlite".into())
+            .spawn(move || run(conn, &rx, clock.as_ref(), &notifier))
+            .map_err(|e| StoreError::unavailable("sqlite cannot start its writer thread", e))?;
+        Ok(Self { jobs: Some(jobs), thread: Some(thread) })
+    }
+
+    /// Queues `job`; fails if the thread is gone.
+    pub(crate) fn submit(&self, job: Box<dyn Job>) -> Result<(), StoreError> {
+        let sent = self.jobs.as_ref().map(|jobs| jobs.send(job));
+        match sent {
+            Some(Ok(())) => Ok(()),
+            _ => Err(gone()),
+        }
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        drop(self.jobs.take());
+        if let Some(thread) = self.thread.take() {
+            // Joining from the writer thread itself would wait forever.
+            if thread.thread().id() != thread::current().id() {
+                // A panic on the writer thread has already answered every caller
+                // (their channels closed); there is nobody left to tell.
+                let _ = thread.join();
+            }
+        }
+    }
+}
+
+/// The error for an operation the writer thread can no longer run.
+pub(crate) fn gone() -> StoreError {
+    StoreError::unavailable("sqlite writer thread is gone", "the store is shutting down or its thread panicked")
+}
+
+fn run(mut conn: Connection, jobs: &Receiver<Box<dyn Job>>, clock: &dyn Clock, notifier: &Notifier) {
+    let mut batch: Vec<Box<dyn Job>> = Vec::with_capacity(MAX_BATCH);
+    while let Ok(first) = jobs.recv() {
+        batch.push(first);
+        batch.extend(jobs.try_iter().take(MAX_BATCH - 1));
+        let failure = execute(&mut conn, &mut batch, clock).err();
+        for job in batch.drain(..) {
+            job.finish(failure.as_ref(), notifier);
+        }
+    }
+    // Every handle is gone. Closing checkpoints the WAL; if that fails the data is
+    // still safe in the WAL file, and nobody is left to return the error to.
+    if let Err((_, e)) = conn.close() {
+        tracing::warn!(error = %e, "sqlite store did not close cleanly");
+    }
+}
+
+fn execute(conn: &mut Connection, batch: &mut [Box<dyn Job>], clock: &dyn Clock) -> Result<(), Failure> {
+    let mut tx = conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(Failure::new("sqlite cannot begin a transaction"))?;
+    for job in batch.iter_mut() {
+        let savepoint = tx.savepoint().map_err(Failure::new("sqlite cannot take a savepoint"))?;
+        // A failed operation rolls back to its savepoint and the batch goes on: one
+        // caller's error is not the others'.
+        if job.run(&savepoint, clock.now()) {
+            savepoint.commit().map_err(Failure::new("sqlite cannot release a savepoint"))?;
+        } else {
+            savepoint.finish().map_err(Failure::new("sqlite cannot roll back a savepoint"))?;
+        }
+    }
+    tx.commit().map_err(Failure::new("sqlite commit failed"))
+}

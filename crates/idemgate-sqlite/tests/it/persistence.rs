@@ -1,0 +1,131 @@
+//! What is written stays written: across a reopen, and against newer files.
+
+use std::time::Duration;
+
+use idemgate::{Claim, ErrorKind, ManualClock, RecordState, Store};
+use idemgate_sqlite::SqliteStore;
+use idemgate_testkit::{START, fp, key, sample_response};
+
+const LEASE: Duration = Duration::from_secs(30);
+const TTL: Duration = Duration::from_secs(3600);
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a runtime")
+}
+
+#[test]
+fn records_survive_closing_and_reopening_the_file() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let path = dir.path().join("store.db");
+    let clock = ManualClock::new(START);
+    let response = sample_response(START);
+
+    let in_flight = runtime().block_on(async {
+        let store = SqliteStore::builder().with_clock(clock.clone()).open(&path).expect("the store opens");
+        let Claim::Acquired(done) = store.claim(&key(1), &fp(1), LEASE).await.expect("claim") else {
+            panic!("a fresh key is acquired")
+        };
+        store.complete(&done, &response, TTL).await.expect("complete");
+        let Claim::Acquired(running) = store.claim(&key(2), &fp(2), LEASE).await.expect("claim") else {
+            panic!("a fresh key is acquired")
+        };
+        running
+        // The store drops here: its thread finishes and closes the file.
+    });
+
+    runtime().block_on(async {
+        let store = SqliteStore::builder().with_clock(clock.clone()).open(&path).expect("the store reopens");
+        match store.claim(&key(1), &fp(1), LEASE).await.expect("claim") {
+            Claim::Completed(got) => assert!(*got == response, "the response is byte-identical after a reopen"),
+            other => panic!("expected Completed after a reopen, got {other:?}"),
+        }
+        assert_eq!(
+            store.get(&key(2)).await.expect("get").map(|r| r.state),
+            Some(RecordState::InFlight { token: in_flight.token, lease_until: in_flight.lease_until }),
+            "an in-flight lease survives too, token and all"
+        );
+        // The owner from before the restart can still finish its work.
+        store.complete(&in_flight, &response, TTL).await.expect("the old owner completes");
+    });
+}
+
+#[test]
+fn a_file_from_a_newer_version_is_refused() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let path = dir.path().join("store.db");
+    drop(SqliteStore::open(&path).expect("the store opens"));
+
+    let conn = rusqlite::Connection::open(&path).expect("a second connection");
+    let version: String = conn
+        .query_row("SELECT value FROM idemgate_meta WHERE name = 'schema_version'", [], |r| r.get(0))
+        .expect("the schema version is recorded");
+    assert_eq!(version, idemgate_sqlite::SCHEMA_VERSION.to_string());
+    conn.execute("UPDATE idemgate_meta SET value = '2' WHERE name = 'schema_version'", []).expect("update");
+    drop(conn);
+
+    let err = SqliteStore::open(&path).expect_err("a newer schema is refused");
+    assert_eq!(err.kind(), ErrorKind::Corrupt);
+    let message = err.to_string();
+    assert!(message.contains("schema version 2") && message.contains("upgrade idemgate"), "{message}");
+    assert!(message.contains(&path.display().to_string()), "the message names the file: {message}");
+}
+
+#[test]
+fn opening_in_a_missing_directory_says_so() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let missing = dir.path().join("no-such-dir");
+    let path = missing.join("store.db");
+    let err = SqliteStore::open(&path).expect_err("there is no directory to create the file in");
+    assert_eq!(err.kind(), ErrorKind::Unavailable);
+    let message = err.to_string();
+    assert!(message.contains(&path.display().to_string()), "the message names the file: {message}");
+    assert!(message.contains("does not exist"), "the message says why: {message}");
+    assert!(!missing.exists(), "nothing was created");
+}
+
+#[test]
+fn the_file_is_in_wal_mode_with_the_documented_schema() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let path = dir.path().join("store.db");
+    let store = SqliteStore::open(&path).expect("the store opens");
+    assert_eq!(store.path(), Some(path.as_path()));
+    assert_eq!(store.backend(), "sqlite");
+
+    let conn = rusqlite::Connection::open(&path).expect("a second connection");
+    let mode: String = conn.query_row("PRAGMA journal_mode", [], |r| r.get(0)).expect("journal_mode");
+    assert_eq!(mode, "wal");
+    let strict: Vec<(String, i64)> = conn
+        .prepare("SELECT name, strict FROM pragma_table_list WHERE name LIKE 'idemgate_%' ORDER BY name")
+        .and_then(|mut s| s.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect())
+        .expect("table list");
+    assert_eq!(strict, [("idemgate_meta".to_owned(), 1), ("idemgate_records".to_owned(), 1)]);
+    let columns: Vec<String> = conn
+        .prepare("SELECT name FROM pragma_table_info('idemgate_records')")
+        .and_then(|mut s| s.query_map([], |r| r.get(0))?.collect())
+        .expect("columns");
+    assert_eq!(
+        columns,
+        [
+            "key",
+            "fingerprint",
+            "state",
+            "token",
+            "lease_until_ms",
+            "created_at_ms",
+            "completed_at_ms",
+            "expires_at_ms",
+            "status",
+            "response"
+        ]
+    );
+}
+
+#[test]
+fn a_file_that_is_not_a_database_is_refused() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let path = dir.path().join("notes.txt");
+    std::fs::write(&path, "these are not the pages you are looking for\n".repeat(200)).expect("write a text file");
+    let err = SqliteStore::open(&path).expect_err("a text file is not a store");
+    assert_eq!(err.kind(), ErrorKind::Corrupt, "{err}");
+    assert!(err.to_string().contains(&path.display().to_string()), "the message names the file: {err}");
+}
