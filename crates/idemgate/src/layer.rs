@@ -243,11 +243,11 @@ where
     let key = match Key::from_headers(req.headers(), &policy.key_headers) {
         Ok(Some(key)) => Some(key),
         Ok(None) => policy.derived_key.as_ref().and_then(|d| d.derive(req.headers(), SystemTime::now())),
-        Err(e) => return Ok(answer(seen, Outcome::InvalidKey, Problem::InvalidKey(e))),
+        Err(e) => return Ok(refuse(seen, Outcome::InvalidKey, Problem::InvalidKey(e), req.body())),
     };
     let Some(key) = key else {
         if policy.key_requirement == KeyRequirement::Required {
-            return Ok(answer(seen, Outcome::InvalidKey, Problem::MissingKey));
+            return Ok(refuse(seen, Outcome::InvalidKey, Problem::MissingKey, req.body()));
         }
         seen.outcome = Outcome::Bypassed;
         let req = req.map(RequestBody::new);
@@ -257,14 +257,14 @@ where
     let (mut parts, body) = req.into_parts();
     let declared = parts.headers.get(http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
     if declared.is_some_and(|n| n > policy.max_body as u64) {
-        return Ok(answer(seen, Outcome::Rejected, Problem::BodyTooLarge { limit: policy.max_body }));
+        return Ok(closing(answer(seen, Outcome::Rejected, Problem::BodyTooLarge { limit: policy.max_body })));
     }
     let body = match Limited::new(body, policy.max_body).collect().await {
         Ok(collected) => collected.to_bytes(),
         Err(e) if e.is::<LengthLimitError>() => {
-            return Ok(answer(seen, Outcome::Rejected, Problem::BodyTooLarge { limit: policy.max_body }));
+            return Ok(closing(answer(seen, Outcome::Rejected, Problem::BodyTooLarge { limit: policy.max_body })));
         }
-        Err(_) => return Ok(answer(seen, Outcome::Rejected, Problem::BodyUnreadable)),
+        Err(_) => return Ok(closing(answer(seen, Outcome::Rejected, Problem::BodyUnreadable))),
     };
     let fp = fingerprint(&parts, &body, &policy.fingerprint_headers).await;
     let tenant = policy.scope.tenant(&parts.headers);
@@ -333,6 +333,22 @@ where
 fn answer(seen: &mut Seen, outcome: Outcome, problem: Problem) -> Response<ResponseBody> {
     seen.outcome = outcome;
     problem.into_response()
+}
+
+/// Answers a request refused before its body was read. The answer goes out at once
+/// (a client may be waiting for it before sending the body), with `Connection: close`
+/// when a body is left unread, so the client does not reuse a connection the server
+/// will close.
+fn refuse<B: Body>(seen: &mut Seen, outcome: Outcome, problem: Problem, body: &B) -> Response<ResponseBody> {
+    let res = answer(seen, outcome, problem);
+    if body.is_end_stream() { res } else { closing(res) }
+}
+
+/// Marks a response as the last on its connection: an unread request body is left
+/// behind, and the server will not read past it.
+fn closing(mut res: Response<ResponseBody>) -> Response<ResponseBody> {
+    res.headers_mut().insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+    res
 }
 
 async fn fingerprint(parts: &http::request::Parts, body: &Bytes, allow: &[HeaderName]) -> Fingerprint {

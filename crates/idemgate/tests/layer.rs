@@ -547,3 +547,17 @@ async fn the_lease_is_renewed_while_the_call_is_alive() {
     assert_eq!(dup.body, first.body);
     assert_eq!(replayed(&dup), "true");
 }
+
+#[tokio::test]
+async fn a_refusal_before_the_body_is_read_closes_the_connection_only_when_a_body_is_left() {
+    let (svc, upstream) = setup(Policy::default().with_key_requirement(KeyRequirement::Required));
+    let with_body = post(None, BODY).body(Full::new(Bytes::from_static(BODY.as_bytes()))).unwrap();
+    let a = send(&svc, with_body).await;
+    assert_eq!(a.status, 400);
+    assert_eq!(a.headers["connection"], "close");
+    let empty = Request::post("/v1/x").header("idempotency-key", "").body(Full::new(Bytes::new())).unwrap();
+    let b = send(&svc, empty).await;
+    assert_eq!(b.status, 400);
+    assert!(b.headers.get("connection").is_none());
+    assert_eq!(upstream.calls(), 0);
+}

@@ -1,0 +1,147 @@
+"""Fixtures: the mock upstream process, a factory of gateway processes, and the
+clean-up that kills every process a test started, whatever its outcome."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from helpers import (
+    Gateway,
+    MissingBinary,
+    Mock,
+    Proc,
+    binary,
+    http_client,
+    parse_listening,
+)
+
+
+def required_binary(env_var: str, default: str, build_hint: str) -> Path:
+    """The binary's path, or a test failure that says how to build it."""
+    message = None
+    try:
+        return binary(env_var, default, build_hint)
+    except MissingBinary as err:
+        message = str(err)
+    pytest.fail(message, pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def mock_upstream_bin() -> Path:
+    return required_binary("MOCK_UPSTREAM_BIN", "target/debug/mock-upstream", "cargo build -p idemgate-testkit")
+
+
+@pytest.fixture(scope="session")
+def idemgate_bin() -> Path:
+    return required_binary("IDEMGATE_BIN", "target/debug/idemgate", "cargo build -p idemgate-cli")
+
+
+@pytest.fixture(scope="session")
+def mock_process(mock_upstream_bin: Path) -> Iterator[Mock]:
+    """One mock upstream for the session; each test resets it through ``mock``."""
+    proc = Proc("mock-upstream", [str(mock_upstream_bin), "--listen", "127.0.0.1:0"])
+    try:
+        match = proc.wait_for_line("stdout", r"^mock-upstream listening on (?P<url>http://127\.0\.0\.1:\d+)$")
+        yield Mock(proc, match["url"])
+    finally:
+        proc.kill()
+
+
+@pytest.fixture
+def mock(mock_process: Mock) -> Mock:
+    """The mock upstream with its counters and recorded requests at zero."""
+    assert mock_process.proc.alive(), f"the mock upstream died\n{mock_process.proc.tail()}"
+    mock_process.reset()
+    return mock_process
+
+
+class Gateways:
+    """Starts ``idemgate serve`` processes in front of the mock; kills them at the end
+    of the test."""
+
+    def __init__(self, bin_path: Path, mock: Mock, tmp_path: Path) -> None:
+        self.bin = bin_path
+        self.mock = mock
+        self.default_store = f"sqlite://{tmp_path / 'idemgate.db'}"
+        self.started: list[Gateway] = []
+
+    def start(self, *args: str, store: str | None = None, upstream: bool = True) -> Gateway:
+        """A gateway on ports 0 with ``args`` added; ``store`` defaults to a SQLite file
+        in the test's temporary directory, the same for every gateway of the test."""
+        argv = [
+            str(self.bin),
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--store",
+            store or self.default_store,
+            "--log-format",
+            "text",
+        ]
+        if upstream:
+            argv += ["--upstream", self.mock.url]
+        argv += list(args)
+        proc = Proc(f"idemgate #{len(self.started) + 1}", argv)
+        try:
+            listen, admin = parse_listening(proc)
+        except AssertionError:
+            proc.kill()
+            raise
+        gateway = Gateway(proc=proc, url=f"http://{listen}", admin_url=f"http://{admin}", args=list(args))
+        self.started.append(gateway)
+        return gateway
+
+    def close(self) -> None:
+        for gateway in self.started:
+            gateway.kill()
+            gateway.http.close()
+
+
+@pytest.fixture
+def gateways(idemgate_bin: Path, mock: Mock, tmp_path: Path) -> Iterator[Gateways]:
+    factory = Gateways(idemgate_bin, mock, tmp_path)
+    try:
+        yield factory
+    finally:
+        factory.close()
+
+
+@pytest.fixture
+def gateway(gateways: Gateways) -> Gateway:
+    """A gateway with the default settings and a fresh SQLite file."""
+    return gateways.start()
+
+
+@pytest.fixture
+def http():
+    with http_client() as client:
+        yield client
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator[None]:
+    """Attaches the logs of the processes a failed test used to its report."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.when not in ("setup", "call") or not report.failed:
+        return
+    funcargs = getattr(item, "funcargs", {})
+    factory = funcargs.get("gateways")
+    if isinstance(factory, Gateways):
+        for gateway in factory.started:
+            report.sections.append((f"{gateway.proc.name} log", gateway.proc.tail(80)))
+    mock = funcargs.get("mock")
+    if isinstance(mock, Mock):
+        report.sections.append(("mock-upstream", f"stats: {safe_stats(mock)}\n{mock.proc.tail(20)}"))
+
+
+def safe_stats(mock: Mock) -> object:
+    try:
+        return mock.stats()
+    except Exception as err:  # noqa: BLE001 - only for a failure message
+        return f"unavailable: {err}"

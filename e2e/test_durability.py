@@ -1,0 +1,94 @@
+"""What survives the gateway process: a graceful restart keeps every stored response
+(case 4), and a crash mid-call leaves a lease that blocks re-execution until it runs
+out, after which one retry takes over (case 5)."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import time
+import uuid
+
+import httpx
+
+from helpers import (
+    CHAT_PATH,
+    MESSAGES_PATH,
+    anthropic_headers,
+    assert_problem,
+    chat_body,
+    messages_body,
+    new_key,
+    openai_headers,
+)
+
+
+def test_a_restarted_gateway_replays_from_the_same_sqlite_file(mock, gateways, tmp_path):
+    db = tmp_path / "restart.db"
+    store = f"sqlite://{db}"
+    gateway = gateways.start(store=store)
+
+    chat_key = new_key("restart-chat")
+    chat = chat_body(f"remember me {uuid.uuid4()}")
+    first = gateway.post(CHAT_PATH, body=chat, headers=openai_headers(chat_key))
+    assert first.status_code == 200 and first.headers["idempotent-replayed"] == "false"
+    assert mock.calls() == 1
+
+    assert gateway.stop() == 0, "SIGTERM is a graceful stop"
+    assert db.exists()
+
+    restarted = gateways.start(store=store)
+    again = restarted.post(CHAT_PATH, body=chat, headers=openai_headers(chat_key))
+
+    assert again.status_code == 200
+    assert again.headers["idempotent-replayed"] == "true"
+    assert again.content == first.content
+    assert again.headers["content-type"] == first.headers["content-type"]
+    assert again.headers["x-request-id"] == first.headers["x-request-id"]
+    assert mock.calls() == 1, "nothing ran again after the restart"
+
+
+def test_a_crashed_owner_blocks_retries_until_its_lease_runs_out(mock, gateways, tmp_path):
+    store = f"sqlite://{tmp_path / 'crash.db'}"
+    lease = 3.0
+    crashed = gateways.start("--lease", f"{lease:g}s", store=store)
+    key = new_key("crash")
+    body = chat_body(f"crash during me {uuid.uuid4()}")
+
+    # The original is in flight upstream (a slow generation) when the gateway dies.
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        original = pool.submit(
+            crashed.post, CHAT_PATH, body=body, headers=openai_headers(key, **{"x-mock-delay-ms": "10000"})
+        )
+        mock.wait_for_calls(1)
+        crashed.kill()
+        killed_at = time.monotonic()
+        error = original.exception(timeout=15)
+    assert isinstance(error, httpx.TransportError), f"the client saw the crash: {error!r}"
+
+    restarted = gateways.start("--lease", "1s", store=store)
+
+    # While the dead owner's lease is alive, nothing runs again: a duplicate that will
+    # not wait is told to come back later.
+    res = restarted.post(CHAT_PATH, body=body, headers=openai_headers(key, Prefer="wait=0"))
+    if time.monotonic() - killed_at < lease - 0.5:
+        problem = assert_problem(res, 409)
+        assert res.headers["idempotent-replayed"] == "false"
+        assert res.headers.get("x-should-retry") == "true"
+        assert "retry-after" in res.headers and "retry-after-ms" in res.headers, dict(res.headers)
+        assert "type" in problem
+    assert mock.calls() == 1, "no second upstream call while the lease is alive"
+
+    # Once the lease has run out, the next retry takes over and runs the call, once.
+    time.sleep(max(0.0, killed_at + lease + 0.5 - time.monotonic()))
+    retry = restarted.post(CHAT_PATH, body=body, headers=openai_headers(key))
+    assert retry.status_code == 200, retry.text
+    assert retry.headers["idempotent-replayed"] == "false"
+    assert "mock call 2." in retry.json()["choices"][0]["message"]["content"]
+    assert mock.calls() == 2
+
+    for _ in range(2):
+        dup = restarted.post(CHAT_PATH, body=body, headers=openai_headers(key))
+        assert dup.status_code == 200
+        assert dup.headers["idempotent-replayed"] == "true"
+        assert dup.content == retry.content
+    assert mock.calls() == 2
