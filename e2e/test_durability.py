@@ -27,24 +27,35 @@ def test_a_restarted_gateway_replays_from_the_same_sqlite_file(mock, gateways, t
     store = f"sqlite://{db}"
     gateway = gateways.start(store=store)
 
-    chat_key = new_key("restart-chat")
+    chat_key, stream_key = new_key("restart-chat"), new_key("restart-stream")
     chat = chat_body(f"remember me {uuid.uuid4()}")
+    stream = messages_body(f"stream me {uuid.uuid4()}", stream=True)
     first = gateway.post(CHAT_PATH, body=chat, headers=openai_headers(chat_key))
+    first_stream = gateway.post(
+        MESSAGES_PATH, body=stream, headers=anthropic_headers(stream_key, **{"x-mock-chunk-delay-ms": "5"})
+    )
     assert first.status_code == 200 and first.headers["idempotent-replayed"] == "false"
-    assert mock.calls() == 1
+    assert first_stream.status_code == 200 and first_stream.headers["idempotent-replayed"] == "false"
+    assert first_stream.content.endswith(b'event: message_stop\ndata: {"type":"message_stop"}\n\n')
+    assert mock.calls() == 2
 
     assert gateway.stop() == 0, "SIGTERM is a graceful stop"
     assert db.exists()
 
     restarted = gateways.start(store=store)
     again = restarted.post(CHAT_PATH, body=chat, headers=openai_headers(chat_key))
+    again_stream = restarted.post(MESSAGES_PATH, body=stream, headers=anthropic_headers(stream_key))
 
     assert again.status_code == 200
     assert again.headers["idempotent-replayed"] == "true"
     assert again.content == first.content
     assert again.headers["content-type"] == first.headers["content-type"]
     assert again.headers["x-request-id"] == first.headers["x-request-id"]
-    assert mock.calls() == 1, "nothing ran again after the restart"
+    assert again_stream.status_code == 200
+    assert again_stream.headers["idempotent-replayed"] == "true"
+    assert again_stream.content == first_stream.content
+    assert again_stream.headers["content-type"].startswith("text/event-stream")
+    assert mock.calls() == 2, "nothing ran again after the restart"
 
 
 def test_a_crashed_owner_blocks_retries_until_its_lease_runs_out(mock, gateways, tmp_path):

@@ -6,12 +6,15 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Args;
 use http::{HeaderName, Uri};
+use idemgate::usage::{ModelPrice, Prices};
 use idemgate::{
-    DerivedKey, KeyForwarding, KeyRequirement, OnInFlight, OnStoreError, Policy, Scope, Secret, ServerErrors,
+    DerivedKey, KeyForwarding, KeyRequirement, OnInFlight, OnStoreError, Policy, ReplayPace, Scope, Secret,
+    ServerErrors,
 };
 use idemgate_proxy::{Route, Timeouts};
 use serde::Deserialize;
@@ -103,6 +106,8 @@ pub(crate) struct RawConfig {
     pub(crate) idle_timeout: Option<String>,
     /// How often expired records are swept.
     pub(crate) sweep_interval: Option<String>,
+    /// Prices per model, to count the money replays save.
+    pub(crate) prices: Option<RawPrices>,
     /// Route defaults, overridable per route.
     #[serde(flatten)]
     pub(crate) policy: RawPolicy,
@@ -138,6 +143,36 @@ pub(crate) struct RawPolicy {
     pub(crate) key_forwarding: Option<RawForwarding>,
     /// A key derived from headers for requests without one.
     pub(crate) derived_key: Option<RawDerivedKey>,
+    /// `immediate` or `recorded`: how recorded streams are replayed.
+    pub(crate) replay_pace: Option<String>,
+}
+
+/// `[prices]`: `currency` and a `[prices.models]` table of per-million-token prices.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub(crate) struct RawPrices {
+    /// The unit of every price, e.g. `USD`.
+    #[serde(default = "default_currency")]
+    pub(crate) currency: String,
+    /// Model name (or prefix) → prices.
+    #[serde(default)]
+    pub(crate) models: BTreeMap<String, RawModelPrice>,
+}
+
+fn default_currency() -> String {
+    "USD".into()
+}
+
+/// One model's prices per million tokens.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub(crate) struct RawModelPrice {
+    /// Input tokens.
+    pub(crate) input: f64,
+    /// Cached input tokens (default: the input price).
+    pub(crate) cached_input: Option<f64>,
+    /// Output tokens (reasoning included).
+    pub(crate) output: f64,
 }
 
 /// `key-forwarding = "forward" | "strip" | { rename = "header" }`.
@@ -366,6 +401,7 @@ impl RawPolicy {
             max_body: pick(&self.max_body, &global.max_body),
             key_forwarding: pick(&self.key_forwarding, &global.key_forwarding),
             derived_key: pick(&self.derived_key, &global.derived_key),
+            replay_pace: pick(&self.replay_pace, &global.replay_pace),
         }
     }
 
@@ -414,6 +450,18 @@ impl RawPolicy {
                 RawForwarding::Rename(to) => KeyForwarding::Rename(header(&f("key-forwarding.rename"), to)?),
             });
         }
+        if let Some(v) = &self.replay_pace {
+            p = p.with_replay_pace(match v.as_str() {
+                "immediate" => ReplayPace::Immediate,
+                "recorded" => ReplayPace::Recorded,
+                other => {
+                    return Err(ConfigError::new(
+                        f("replay-pace"),
+                        format!("{other:?}: expected immediate or recorded"),
+                    ));
+                }
+            });
+        }
         if let Some(d) = &self.derived_key {
             if d.headers.is_empty() {
                 return Err(ConfigError::new(f("derived-key.headers"), "name at least one header"));
@@ -428,6 +476,26 @@ impl RawPolicy {
         }
         Ok(p)
     }
+}
+
+fn prices_of(raw: &RawPrices) -> Result<Prices, ConfigError> {
+    if raw.currency.trim().is_empty() {
+        return Err(ConfigError::new("prices.currency", "must not be empty"));
+    }
+    let mut prices = Prices::new(raw.currency.trim());
+    for (model, p) in &raw.models {
+        let field = |name: &str| format!("prices.models.{model:?}.{name}");
+        let check = |name: &str, v: f64| {
+            if v.is_finite() && v >= 0.0 { Ok(v) } else { Err(ConfigError::new(field(name), "must be a price >= 0")) }
+        };
+        let price = ModelPrice {
+            input: check("input", p.input)?,
+            cached_input: p.cached_input.map(|v| check("cached-input", v)).transpose()?,
+            output: check("output", p.output)?,
+        };
+        prices = prices.with_model(model.clone(), price);
+    }
+    Ok(prices)
 }
 
 impl TryFrom<RawConfig> for Config {
@@ -474,7 +542,10 @@ impl TryFrom<RawConfig> for Config {
             Some(names) => names.iter().map(|n| header("key-aliases", n)).collect::<Result<Vec<_>, _>>()?,
             None => Vec::new(),
         };
-        let base = Policy::default().with_scope(scope.clone()).with_key_aliases(aliases);
+        let mut base = Policy::default().with_scope(scope.clone()).with_key_aliases(aliases);
+        if let Some(prices) = &raw.prices {
+            base = base.with_prices(Arc::new(prices_of(prices)?));
+        }
 
         let routes = if !raw.routes.is_empty() {
             if raw.upstream.is_some() {
@@ -585,6 +656,21 @@ mod tests {
         assert_eq!(
             field("[[routes]]\nname = \"a\"\nprefix = \"/a\"\nupstream = \"https://x\"\nttll = \"1h\""),
             "routes[0].ttll"
+        );
+    }
+
+    #[test]
+    fn prices_and_replay_pace_are_read_and_checked() {
+        let c = parse(
+            "replay-pace = \"recorded\"\n[prices]\ncurrency = \"EUR\"\n\
+             [prices.models]\n\"gpt-4o\" = { input = 2.5, cached-input = 1.25, output = 10.0 }",
+        )
+        .unwrap();
+        assert_eq!(c.routes[0].policy.route(), "default");
+        assert_eq!(parse("replay-pace = \"slow\"").unwrap_err().field(), "replay-pace");
+        assert_eq!(
+            parse("[prices.models]\n\"m\" = { input = -1.0, output = 1.0 }").unwrap_err().field(),
+            "prices.models.\"m\".input"
         );
     }
 

@@ -22,12 +22,12 @@
 //! let Claim::Acquired(lease) = store.claim(&key, &fp, Duration::from_secs(30)).await? else {
 //!     panic!("a fresh key is acquired");
 //! };
-//! let response = StoredResponse {
-//!     status: 200,
-//!     headers: vec![("content-type".into(), Bytes::from_static(b"application/json"))],
-//!     chunks: vec![Bytes::from_static(b"{\"answer\":42}")],
-//!     completed_at: Timestamp::from_system_time(std::time::SystemTime::now()),
-//! };
+//! let response = StoredResponse::new(
+//!     200,
+//!     vec![("content-type".into(), Bytes::from_static(b"application/json"))],
+//!     vec![Bytes::from_static(b"{\"answer\":42}")],
+//!     Timestamp::from_system_time(std::time::SystemTime::now()),
+//! );
 //! store.complete(&lease, &response, Duration::from_secs(24 * 60 * 60)).await?;
 //!
 //! // A retry of the same request gets the recorded response.

@@ -1,6 +1,7 @@
 //! Deterministic keys, fingerprints and responses that tests share.
 
 use bytes::Bytes;
+use idemgate::usage::Usage;
 use idemgate::{Fingerprint, StorageKey, StoredResponse, Timestamp};
 
 /// Storage key number `n`: distinct for distinct `n`, the same in every run.
@@ -23,8 +24,8 @@ fn spread(tag: u8, n: u64) -> [u8; 32] {
 }
 
 /// A response that exercises every part of the encoding: a non-200 status, repeated
-/// and non-UTF-8 header values, an empty chunk between two others, and a completion
-/// time of `completed_at`.
+/// and non-UTF-8 header values, an empty chunk between two others, chunk timings,
+/// usage and a model, and a completion time of `completed_at`.
 pub fn sample_response(completed_at: Timestamp) -> StoredResponse {
     StoredResponse {
         status: 201,
@@ -40,13 +41,16 @@ pub fn sample_response(completed_at: Timestamp) -> StoredResponse {
             Bytes::from_static(b"\"choices\":[]}"),
             Bytes::from_static(b"\n"),
         ],
+        offsets_ms: vec![0, 3, 17, 250],
+        usage: Some(Usage { input: 1200, cached_input: 1024, output: 87, reasoning: 64 }),
+        model: Some("gpt-4o-mini-2024-07-18".into()),
         completed_at,
     }
 }
 
 /// A response with no headers and no body chunks at all (a `204`).
 pub fn empty_response(completed_at: Timestamp) -> StoredResponse {
-    StoredResponse { status: 204, headers: Vec::new(), chunks: Vec::new(), completed_at }
+    StoredResponse::new(204, Vec::new(), Vec::new(), completed_at)
 }
 
 /// A `total` byte body in `chunk` byte chunks (the last one shorter if `chunk` does
@@ -55,10 +59,10 @@ pub fn empty_response(completed_at: Timestamp) -> StoredResponse {
 pub fn large_response(completed_at: Timestamp, total: usize, chunk: usize) -> StoredResponse {
     let pattern: Vec<u8> = (0..total).map(|i| (i % 251) as u8 ^ (i / chunk.max(1)) as u8).collect();
     let chunks = pattern.chunks(chunk.max(1)).map(Bytes::copy_from_slice).collect();
-    StoredResponse {
-        status: 200,
-        headers: vec![("content-type".into(), Bytes::from_static(b"text/event-stream"))],
+    StoredResponse::new(
+        200,
+        vec![("content-type".into(), Bytes::from_static(b"text/event-stream"))],
         chunks,
         completed_at,
-    }
+    )
 }

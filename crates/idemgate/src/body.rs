@@ -5,8 +5,10 @@ use std::collections::VecDeque;
 use std::fmt;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::StreamExt;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use http_body_util::combinators::UnsyncBoxBody;
@@ -55,6 +57,18 @@ impl ResponseBody {
 
     pub(crate) fn live(rx: mpsc::Receiver<Result<Frame<Bytes>, BoxError>>) -> Self {
         Self { kind: Kind::Live(rx) }
+    }
+
+    /// Chunks sent at their recorded pace: chunk `i` no earlier than `offsets_ms[i]`
+    /// after the body is made.
+    pub fn paced(chunks: Vec<Bytes>, offsets_ms: Vec<u32>) -> Self {
+        let start = tokio::time::Instant::now();
+        let timed = chunks.into_iter().zip(offsets_ms).filter(|(c, _)| !c.is_empty());
+        let stream = futures_util::stream::iter(timed).then(move |(chunk, offset)| async move {
+            tokio::time::sleep_until(start + Duration::from_millis(u64::from(offset))).await;
+            Ok::<_, BoxError>(Frame::data(chunk))
+        });
+        Self::new(http_body_util::StreamBody::new(stream))
     }
 }
 

@@ -8,6 +8,19 @@
 //! original's response when it completes. If the original is released (a transient
 //! failure), the waiters claim again: one executes, the others wait on it.
 //!
+//! # Streaming
+//!
+//! An event stream (`text/event-stream`) is forwarded chunk by chunk as it arrives and
+//! recorded as it passes. It is stored only when it reached its protocol's terminator
+//! (`data: [DONE]`, `response.completed|incomplete|failed`, `message_stop`; the clean
+//! end of the body for other streams) without an in-band error; otherwise the key is
+//! released. A duplicate that arrives while the stream runs in this process joins it:
+//! it gets the chunks recorded so far, then the live rest, from the same recording.
+//! A later duplicate gets the stored chunks with their original boundaries, at once
+//! or, with [`ReplayPace::Recorded`], at their recorded pace. The usage a response
+//! reports (streamed or not) is stored with it; every replay and join adds it to
+//! `idemgate_tokens_saved_total`, and with a price table to `idemgate_cost_saved_total`.
+//!
 //! # Client disconnects
 //!
 //! The call runs on a task of its own, not in the response future, so a client that
@@ -35,12 +48,15 @@ use crate::body::ResponseBody;
 use crate::clock::Timestamp;
 use crate::error::{BoxError, ErrorKind};
 use crate::fingerprint::Fingerprint;
+use crate::flight::{End as FlightEnd, Flights, Head as FlightHead};
 use crate::key::Key;
 use crate::metrics::{self as m, Outcome};
-use crate::policy::{KeyForwarding, KeyRequirement, OnInFlight, OnStoreError, Policy};
+use crate::policy::{KeyForwarding, KeyRequirement, OnInFlight, OnStoreError, Policy, ReplayPace};
 use crate::problem::Problem;
 use crate::record::StoredResponse;
+use crate::recording::Recording;
 use crate::scope::{Scope, StorageKey};
+use crate::sse::Protocol;
 use crate::store::{Claim, Lease, Store};
 
 /// `Idempotent-Replayed: true|false`, on every response to a keyed request.
@@ -118,6 +134,7 @@ pub struct IdempotencyLayer {
 struct Shared {
     store: Arc<dyn Store>,
     policy: Policy,
+    flights: Flights,
 }
 
 impl IdempotencyLayer {
@@ -128,7 +145,7 @@ impl IdempotencyLayer {
 
     /// A layer over `store` with `policy`.
     pub fn with_policy(store: Arc<dyn Store>, policy: Policy) -> Self {
-        Self { shared: Arc::new(Shared { store, policy }) }
+        Self { shared: Arc::new(Shared { store, policy, flights: Flights::default() }) }
     }
 
     /// The policy in force.
@@ -298,7 +315,8 @@ where
                     metrics::counter!(m::DUPLICATES_TOTAL).increment(1);
                 }
                 seen.outcome = if waiting { Outcome::Joined } else { Outcome::Replayed };
-                return Ok(replay(*stored));
+                m::saved(policy.prices.as_deref(), stored.usage.as_ref(), stored.model.as_deref());
+                return Ok(replay(*stored, policy.replay_pace));
             }
             Ok(Claim::Mismatch) => return Ok(answer(seen, Outcome::Mismatch, Problem::Mismatch)),
             Ok(Claim::InFlight { lease_until }) => {
@@ -309,6 +327,15 @@ where
                 if now >= wait_until {
                     let retry_after = retry_after(lease_until);
                     return Ok(answer(seen, Outcome::Conflict, Problem::InFlight { retry_after }));
+                }
+                // This process runs the original: a stream can be joined live.
+                if let Some(flight) = shared.flights.get(&skey)
+                    && let Ok(Some(head)) = tokio::time::timeout(wait_until - now, flight.head()).await
+                    && head.joinable
+                    && let Some(live) = flight.join()
+                {
+                    seen.outcome = Outcome::Joined;
+                    return Ok(joined(head, live));
                 }
                 if waiting {
                     let nap = policy.poll_interval.min(wait_until - now);
@@ -405,11 +432,31 @@ fn retry_after(lease_until: Timestamp) -> Duration {
     lease_until.since(now).clamp(Duration::from_millis(100), Duration::from_secs(1))
 }
 
-fn replay(stored: StoredResponse) -> Response<ResponseBody> {
-    let mut res = Response::new(ResponseBody::from_chunks(stored.chunks));
-    *res.status_mut() = StatusCode::from_u16(stored.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+fn replay(stored: StoredResponse, pace: ReplayPace) -> Response<ResponseBody> {
+    let status = StatusCode::from_u16(stored.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let body = match pace {
+        ReplayPace::Recorded if stored.offsets_ms.len() == stored.chunks.len() => {
+            ResponseBody::paced(stored.chunks, stored.offsets_ms)
+        }
+        _ => ResponseBody::from_chunks(stored.chunks),
+    };
+    replayed(status, stored.headers, body)
+}
+
+/// A duplicate's share of a live stream: the recorded head, then the body so far and
+/// the live rest.
+fn joined(
+    head: FlightHead,
+    live: impl futures_util::Stream<Item = Result<Frame<Bytes>, BoxError>> + Send + 'static,
+) -> Response<ResponseBody> {
+    replayed(head.status, head.headers, ResponseBody::new(http_body_util::StreamBody::new(live)))
+}
+
+fn replayed(status: StatusCode, stored: Vec<(String, Bytes)>, body: ResponseBody) -> Response<ResponseBody> {
+    let mut res = Response::new(body);
+    *res.status_mut() = status;
     let headers = res.headers_mut();
-    for (name, value) in stored.headers {
+    for (name, value) in stored {
         // Names and values were valid when recorded; skip any that are not rather than fail.
         if let (Ok(n), Ok(v)) = (HeaderName::from_bytes(name.as_bytes()), HeaderValue::from_maybe_shared(value)) {
             headers.append(n, v);
@@ -439,11 +486,7 @@ where
     tokio::spawn(own(shared.clone(), inner, req, lease, head_tx));
     match head_rx.await {
         Ok(Ok((parts, rx))) => {
-            let outcome = if shared.policy.stores(parts.status) && !is_event_stream(&parts.headers) {
-                Outcome::Executed
-            } else {
-                Outcome::Released
-            };
+            let outcome = if shared.policy.stores(parts.status) { Outcome::Executed } else { Outcome::Released };
             (Ok(Response::from_parts(parts, ResponseBody::live(rx))), outcome)
         }
         Ok(Err(e)) => (Err(e), Outcome::Released),
@@ -453,13 +496,17 @@ where
     }
 }
 
-/// Until the streaming recorder exists, an event stream is forwarded and released,
-/// never stored half-way.
-fn is_event_stream(headers: &HeaderMap) -> bool {
+fn content_type_is(headers: &HeaderMap, prefix: &str) -> bool {
     headers
         .get(http::header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.trim_start().get(..17).is_some_and(|p| p.eq_ignore_ascii_case("text/event-stream")))
+        .is_some_and(|v| v.trim_start().get(..prefix.len()).is_some_and(|p| p.eq_ignore_ascii_case(prefix)))
+}
+
+/// An event stream is recorded event-aware: stored only once it reached its
+/// protocol's terminator, and joinable live by duplicates.
+fn is_event_stream(headers: &HeaderMap) -> bool {
+    content_type_is(headers, "text/event-stream")
 }
 
 /// What the owner does with the key at the end.
@@ -486,6 +533,8 @@ async fn own<S, ResBody>(
     let _inflight = InflightGuard::new();
     let policy = &shared.policy;
     let store = &shared.store;
+    let protocol = Protocol::from_path(req.uri().path());
+    let flight = shared.flights.start(lease.key);
     // The client's end of the body: dropped only after the record is settled, so a
     // client that has read the whole body finds the record completed.
     let mut client: Option<mpsc::Sender<Result<Frame<Bytes>, BoxError>>> = None;
@@ -498,23 +547,29 @@ async fn own<S, ResBody>(
             }
         };
         let (mut parts, body) = res.into_parts();
-        let keep = policy.stores(parts.status) && !is_event_stream(&parts.headers);
+        let keep = policy.stores(parts.status);
+        let stream = is_event_stream(&parts.headers);
         let headers = if keep { replay_headers(&parts.headers, &policy.replay_headers) } else { Vec::new() };
+        flight.set_head(FlightHead { status: parts.status, headers: headers.clone(), joinable: keep && stream });
+        let mut recording = keep.then(|| match stream {
+            true => Recording::stream(protocol, flight.clone()),
+            false => Recording::body(content_type_is(&parts.headers, "application/json")),
+        });
         parts.headers.insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("false"));
         let (tx, rx) = mpsc::channel(LIVE_BUFFER);
-        if head_tx.send(Ok((parts.clone(), rx))).is_ok() {
+        let status = parts.status.as_u16();
+        if head_tx.send(Ok((parts, rx))).is_ok() {
             client = Some(tx);
         }
-        let mut chunks = Vec::new();
         // Errors become `BoxError` inside `poll_frame`, so no `ResBody::Error` (which
         // need not be `Send`) is held across an await.
         let mut body = pin!(body.map_err(Into::<BoxError>::into));
-        loop {
+        let clean = loop {
             match body.frame().await {
-                None => break,
+                None => break true,
                 Some(Ok(frame)) => {
-                    if keep && let Some(data) = frame.data_ref() {
-                        chunks.push(data.clone());
+                    if let (Some(rec), Some(data)) = (&mut recording, frame.data_ref()) {
+                        rec.push(data);
                     }
                     if let Some(tx) = &client
                         && tx.send(Ok(frame)).await.is_err()
@@ -528,15 +583,14 @@ async fn own<S, ResBody>(
                     if let Some(tx) = client.take() {
                         let _ = tx.send(Err(e)).await;
                     }
-                    return Settle::Release;
+                    break false;
                 }
             }
+        };
+        match recording.and_then(|r| r.finish(status, headers, clean)) {
+            Some(response) => Settle::Complete(response),
+            None => Settle::Release,
         }
-        if !keep {
-            return Settle::Release;
-        }
-        let completed_at = Timestamp::from_system_time(SystemTime::now());
-        Settle::Complete(StoredResponse { status: parts.status.as_u16(), headers, chunks, completed_at })
     };
     let settle = renewing(work, store.as_ref(), &lease, policy.lease).await;
     let backend = store.backend();
@@ -556,6 +610,11 @@ async fn own<S, ResBody>(
                     }
                 }
             }
+            // After `complete`: a duplicate that finds the flight over finds the record.
+            let followers = flight.end(FlightEnd::Complete);
+            for _ in 0..followers {
+                m::saved(policy.prices.as_deref(), response.usage.as_ref(), response.model.as_deref());
+            }
         }
         Settle::Release => {
             if let Err(e) = m::timed(backend, "release", store.release(&lease)).await {
@@ -564,8 +623,10 @@ async fn own<S, ResBody>(
                 }
                 tracing::warn!(target: "idemgate::store", backend, error = %e, "release failed; the lease will run out");
             }
+            flight.end(FlightEnd::Broken);
         }
     }
+    shared.flights.remove(&lease.key, &flight);
     drop(client);
 }
 

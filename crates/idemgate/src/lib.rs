@@ -58,14 +58,18 @@ pub mod body;
 pub mod clock;
 pub mod error;
 pub mod fingerprint;
+mod flight;
 pub mod key;
 pub mod layer;
 pub mod metrics;
 pub mod policy;
 pub mod problem;
 pub mod record;
+mod recording;
 pub mod scope;
+pub mod sse;
 pub mod store;
+pub mod usage;
 
 pub use body::ResponseBody;
 pub use clock::{Clock, ManualClock, SystemClock, Timestamp};
@@ -73,7 +77,9 @@ pub use error::{BoxError, ErrorKind, StoreError};
 pub use fingerprint::Fingerprint;
 pub use key::{IDEMPOTENCY_KEY, Key, KeyError};
 pub use layer::{IDEMPOTENT_REPLAYED, Idempotency, IdempotencyLayer, RequestBody};
-pub use policy::{DerivedKey, KeyForwarding, KeyRequirement, OnInFlight, OnStoreError, Policy, ServerErrors};
+pub use policy::{
+    DerivedKey, KeyForwarding, KeyRequirement, OnInFlight, OnStoreError, Policy, ReplayPace, ServerErrors,
+};
 pub use problem::PROBLEM_BASE;
 pub use record::{Record, RecordState, StoredResponse, Token};
 pub use scope::{Scope, Secret, StorageKey, Tenant};

@@ -5,6 +5,8 @@
 use std::future::Future;
 use std::time::Instant;
 
+use crate::usage::{Prices, Usage};
+
 /// Requests by `route` and `outcome` (see [`Outcome`]).
 pub const REQUESTS_TOTAL: &str = "idemgate_requests_total";
 /// Requests that found their key already claimed or completed.
@@ -19,6 +21,12 @@ pub const INFLIGHT: &str = "idemgate_inflight";
 pub const LEASE_TAKEOVERS_TOTAL: &str = "idemgate_lease_takeovers_total";
 /// Completions or releases refused because the lease had been lost.
 pub const LEASE_LOST_TOTAL: &str = "idemgate_lease_lost_total";
+/// Tokens that replays and joins did not pay for again, by `kind` (`input`,
+/// `cached_input`, `output`, `reasoning`).
+pub const TOKENS_SAVED_TOTAL: &str = "idemgate_tokens_saved_total";
+/// Money that replays and joins did not spend again, by `currency`, from the
+/// configured price table: a gauge that only grows (money is fractional).
+pub const COST_SAVED_TOTAL: &str = "idemgate_cost_saved_total";
 
 /// What happened to one request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,6 +83,23 @@ pub fn describe() {
     describe_gauge!(INFLIGHT, "Keyed calls this process is executing now");
     describe_counter!(LEASE_TAKEOVERS_TOTAL, "Claims that took over an expired lease");
     describe_counter!(LEASE_LOST_TOTAL, "Completions or releases refused because the lease was lost");
+    describe_counter!(TOKENS_SAVED_TOTAL, "Tokens replays and joins did not pay for again, by kind");
+    describe_gauge!(COST_SAVED_TOTAL, "Money replays and joins did not spend again, by currency (only grows)");
+}
+
+/// Counts what one replay or join of a response with `usage` saved.
+pub(crate) fn saved(prices: Option<&Prices>, usage: Option<&Usage>, model: Option<&str>) {
+    let Some(usage) = usage else { return };
+    for (kind, n) in usage.kinds() {
+        metrics::counter!(TOKENS_SAVED_TOTAL, "kind" => kind).increment(n);
+    }
+    if let (Some(prices), Some(model)) = (prices, model)
+        && let Some(cost) = prices.cost(model, usage)
+    {
+        // The facade's counters count integers; money is fractional, so this is a
+        // gauge that only ever grows.
+        metrics::gauge!(COST_SAVED_TOTAL, "currency" => prices.currency().to_owned()).increment(cost);
+    }
 }
 
 /// Runs a store operation, recording its latency (and failure) by backend and op.

@@ -8,6 +8,7 @@ use http::{HeaderMap, HeaderName, StatusCode};
 use crate::fingerprint::MEANINGFUL_HEADERS;
 use crate::key::{IDEMPOTENCY_KEY, Key};
 use crate::scope::Scope;
+use crate::usage::Prices;
 
 /// What a duplicate does while the original is still running.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -60,6 +61,17 @@ pub enum KeyForwarding {
     Rename(HeaderName),
     /// Removed.
     Strip,
+}
+
+/// How a recorded stream is replayed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ReplayPace {
+    /// As fast as the client reads.
+    #[default]
+    Immediate,
+    /// At the pace the chunks originally arrived, for clients that render tokens as
+    /// they come. Records without timings replay immediately.
+    Recorded,
 }
 
 /// A key derived from request headers and the time, for clients that cannot send
@@ -119,6 +131,8 @@ pub struct Policy {
     pub(crate) scope: Scope,
     pub(crate) fingerprint_headers: Vec<HeaderName>,
     pub(crate) replay_headers: Vec<HeaderName>,
+    pub(crate) replay_pace: ReplayPace,
+    pub(crate) prices: Option<Arc<Prices>>,
 }
 
 impl Default for Policy {
@@ -140,6 +154,8 @@ impl Default for Policy {
             scope: Scope::default(),
             fingerprint_headers: MEANINGFUL_HEADERS.to_vec(),
             replay_headers: REPLAY_HEADERS.to_vec(),
+            replay_pace: ReplayPace::Immediate,
+            prices: None,
         }
     }
 }
@@ -247,6 +263,18 @@ impl Policy {
     /// The response headers stored and replayed (default [`REPLAY_HEADERS`]).
     pub fn with_replay_headers(mut self, headers: Vec<HeaderName>) -> Self {
         self.replay_headers = headers;
+        self
+    }
+
+    /// How recorded streams are replayed.
+    pub fn with_replay_pace(mut self, pace: ReplayPace) -> Self {
+        self.replay_pace = pace;
+        self
+    }
+
+    /// Prices per model, to count the money replays save (`idemgate_cost_saved_total`).
+    pub fn with_prices(mut self, prices: Arc<Prices>) -> Self {
+        self.prices = Some(prices);
         self
     }
 

@@ -3,7 +3,8 @@
 //! A response is kept as status, headers and the body as the sequence of chunks it
 //! arrived in, so that a replay can keep the original chunk boundaries (which matters
 //! for streams). The binary encoding is versioned; a version this build does not know
-//! fails closed as [`StoreError::corrupt`](crate::StoreError::corrupt).
+//! fails closed as [`StoreError::corrupt`](crate::StoreError::corrupt), and every
+//! version ever written keeps decoding (fixtures under `tests/fixtures`).
 
 use std::fmt;
 
@@ -13,6 +14,7 @@ use crate::clock::Timestamp;
 use crate::error::StoreError;
 use crate::fingerprint::Fingerprint;
 use crate::scope::StorageKey;
+use crate::usage::Usage;
 
 /// The fencing token of one claim. Every `complete`, `release` and `renew` must
 /// present it, so an owner that lost its lease can never overwrite its successor.
@@ -61,6 +63,13 @@ pub struct StoredResponse {
     pub headers: Vec<(String, Bytes)>,
     /// The body, as the chunks it arrived in.
     pub chunks: Vec<Bytes>,
+    /// When each chunk arrived, in milliseconds after the first (empty when not
+    /// recorded): for replaying a stream at its original pace.
+    pub offsets_ms: Vec<u32>,
+    /// The token usage the provider reported, if any.
+    pub usage: Option<Usage>,
+    /// The model the provider said it used, if any.
+    pub model: Option<String>,
     /// When the original call completed.
     pub completed_at: Timestamp,
 }
@@ -73,15 +82,23 @@ impl fmt::Debug for StoredResponse {
             .field("headers", &self.headers.iter().map(|(n, _)| n).collect::<Vec<_>>())
             .field("chunks", &self.chunks.len())
             .field("body_len", &self.body_len())
+            .field("usage", &self.usage)
+            .field("model", &self.model)
             .field("completed_at", &self.completed_at)
             .finish()
     }
 }
 
 const MAGIC: &[u8; 4] = b"IDGR";
-const VERSION: u8 = 1;
+/// The version `encode` writes. Version 1 (status, headers, chunks) still decodes.
+const VERSION: u8 = 2;
 
 impl StoredResponse {
+    /// A response with no timings and no usage.
+    pub fn new(status: u16, headers: Vec<(String, Bytes)>, chunks: Vec<Bytes>, completed_at: Timestamp) -> Self {
+        Self { status, headers, chunks, offsets_ms: Vec::new(), usage: None, model: None, completed_at }
+    }
+
     /// The body length in bytes.
     pub fn body_len(&self) -> usize {
         self.chunks.iter().map(Bytes::len).sum()
@@ -96,7 +113,7 @@ impl StoredResponse {
         }
     }
 
-    /// Encodes the response for a store (format version 1, see `decode`).
+    /// Encodes the response for a store (the latest format version, see `decode`).
     pub fn encode(&self) -> Vec<u8> {
         let header_len: usize = self.headers.iter().map(|(n, v)| 6 + n.len() + v.len()).sum();
         let mut out = Vec::with_capacity(32 + header_len + 4 * self.chunks.len() + self.body_len());
@@ -116,22 +133,47 @@ impl StoredResponse {
             out.extend_from_slice(&(chunk.len() as u32).to_be_bytes());
             out.extend_from_slice(chunk);
         }
+        out.extend_from_slice(&(self.offsets_ms.len() as u32).to_be_bytes());
+        for offset in &self.offsets_ms {
+            out.extend_from_slice(&offset.to_be_bytes());
+        }
+        match &self.usage {
+            None => out.push(0),
+            Some(u) => {
+                out.push(1);
+                for n in [u.input, u.cached_input, u.output, u.reasoning] {
+                    out.extend_from_slice(&n.to_be_bytes());
+                }
+            }
+        }
+        match &self.model {
+            None => out.push(0),
+            Some(m) => {
+                let m = &m.as_bytes()[..m.len().min(u16::MAX as usize)];
+                out.push(1);
+                out.extend_from_slice(&(m.len() as u16).to_be_bytes());
+                out.extend_from_slice(m);
+            }
+        }
         out
     }
 
     /// Decodes what [`encode`](Self::encode) wrote. Chunks borrow from `buf`, no copy.
     ///
-    /// Layout, all integers big-endian: `"IDGR"`, version `u8` (1), status `u16`,
+    /// Layout, all integers big-endian: `"IDGR"`, version `u8`, status `u16`,
     /// completed-at `u64` ms, header count `u32`, then per header name length `u16`,
     /// name, value length `u32`, value; chunk count `u32`, then per chunk length `u32`
-    /// and bytes. Nothing may follow.
+    /// and bytes. Version 1 ends there. Version 2 goes on with the offset count `u32`
+    /// (0 or the chunk count) and the offsets `u32` ms; a usage flag `u8` and, when 1,
+    /// input, cached input, output and reasoning tokens as `u64`; a model flag `u8`
+    /// and, when 1, the model's length `u16` and UTF-8 name. Nothing may follow.
     pub fn decode(buf: Bytes) -> Result<Self, StoreError> {
         let mut r = Reader { buf, pos: 0 };
         if r.take(4)?.as_ref() != MAGIC {
             return Err(StoreError::corrupt("stored response has no IDGR header"));
         }
         let version = r.u8()?;
-        if version != VERSION {
+        if !(1..=VERSION).contains(&version) {
             return Err(StoreError::corrupt(format!(
                 "stored response has format version {version}; this build reads version {VERSION}"
             )));
@@ -153,10 +195,28 @@ impl StoredResponse {
             let len = r.u32()? as usize;
             chunks.push(r.take(len)?);
         }
+        let mut response = Self::new(status, headers, chunks, completed_at);
+        if version >= 2 {
+            let n = r.u32()? as usize;
+            if n != 0 && n != response.chunks.len() {
+                return Err(StoreError::corrupt("stored response has timings for another number of chunks"));
+            }
+            response.offsets_ms = (0..n).map(|_| r.u32()).collect::<Result<_, _>>()?;
+            if r.u8()? == 1 {
+                let [input, cached_input, output, reasoning] = [r.u64()?, r.u64()?, r.u64()?, r.u64()?];
+                response.usage = Some(Usage { input, cached_input, output, reasoning });
+            }
+            if r.u8()? == 1 {
+                let len = r.u16()? as usize;
+                let model = String::from_utf8(r.take(len)?.to_vec())
+                    .map_err(|_| StoreError::corrupt("stored model name is not UTF-8"))?;
+                response.model = Some(model);
+            }
+        }
         if r.pos != r.buf.len() {
             return Err(StoreError::corrupt("stored response has trailing bytes"));
         }
-        Ok(Self { status, headers, chunks, completed_at })
+        Ok(response)
     }
 }
 
@@ -235,14 +295,23 @@ mod tests {
     use super::*;
 
     fn sample() -> StoredResponse {
-        StoredResponse {
-            status: 201,
-            headers: vec![
+        StoredResponse::new(
+            201,
+            vec![
                 ("content-type".into(), Bytes::from_static(b"application/json")),
                 ("x-request-id".into(), Bytes::from_static(b"req_1")),
             ],
-            chunks: vec![Bytes::from_static(b"{\"a\":"), Bytes::new(), Bytes::from_static(b"1}")],
-            completed_at: Timestamp::from_millis(1_700_000_000_123),
+            vec![Bytes::from_static(b"{\"a\":"), Bytes::new(), Bytes::from_static(b"1}")],
+            Timestamp::from_millis(1_700_000_000_123),
+        )
+    }
+
+    fn metered() -> StoredResponse {
+        StoredResponse {
+            offsets_ms: vec![0, 20, 41],
+            usage: Some(Usage { input: 120, cached_input: 30, output: 45, reasoning: 7 }),
+            model: Some("gpt-4o-mini-2024-07-18".into()),
+            ..sample()
         }
     }
 
@@ -254,25 +323,30 @@ mod tests {
         assert_eq!(back.body(), Bytes::from_static(b"{\"a\":1}"));
         let empty = StoredResponse { chunks: vec![], headers: vec![], ..sample() };
         assert_eq!(StoredResponse::decode(Bytes::from(empty.encode())).unwrap(), empty);
+        let m = metered();
+        assert_eq!(StoredResponse::decode(Bytes::from(m.encode())).unwrap(), m);
     }
 
-    /// A record written by version 0.1.0; later versions must keep decoding it.
+    /// Records written by earlier builds; later versions must keep decoding them.
     #[test]
-    fn decodes_the_v1_fixture() {
-        let fixture = include_bytes!("../tests/fixtures/stored-response-v1.bin");
-        assert_eq!(StoredResponse::decode(Bytes::from_static(fixture)).unwrap(), sample());
+    fn decodes_the_v1_and_v2_fixtures() {
+        let v1 = include_bytes!("../tests/fixtures/stored-response-v1.bin");
+        assert_eq!(StoredResponse::decode(Bytes::from_static(v1)).unwrap(), sample());
+        let v2 = include_bytes!("../tests/fixtures/stored-response-v2.bin");
+        assert_eq!(StoredResponse::decode(Bytes::from_static(v2)).unwrap(), metered());
+        assert_eq!(metered().encode(), v2.to_vec(), "the encoder still writes version 2 this way");
     }
 
     #[test]
     fn every_truncation_and_unknown_versions_fail_closed() {
-        let enc = sample().encode();
+        let enc = metered().encode();
         for cut in 0..enc.len() {
             let err = StoredResponse::decode(Bytes::copy_from_slice(&enc[..cut])).unwrap_err();
             assert_eq!(err.kind(), crate::ErrorKind::Corrupt);
         }
-        let mut v2 = enc.clone();
-        v2[4] = 2;
-        assert!(StoredResponse::decode(Bytes::from(v2)).is_err());
+        let mut v9 = enc.clone();
+        v9[4] = 9;
+        assert!(StoredResponse::decode(Bytes::from(v9)).is_err());
         let mut trailing = enc;
         trailing.push(0);
         assert!(StoredResponse::decode(Bytes::from(trailing)).is_err());

@@ -8,13 +8,14 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
+use futures_util::StreamExt;
 use futures_util::future::{BoxFuture, join_all};
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use idemgate::store::{Claim, Lease};
 use idemgate::{
     Clock, Fingerprint, IdempotencyLayer, KeyRequirement, MemoryStore, OnInFlight, OnStoreError, Policy, Record,
-    RequestBody, ResponseBody, StorageKey, Store, StoreError, StoredResponse, Timestamp,
+    ReplayPace, RequestBody, ResponseBody, StorageKey, Store, StoreError, StoredResponse, Timestamp,
 };
 use tower::{Layer, Service, ServiceExt, service_fn};
 
@@ -560,4 +561,100 @@ async fn a_refusal_before_the_body_is_read_closes_the_connection_only_when_a_bod
     assert_eq!(b.status, 400);
     assert!(b.headers.get("connection").is_none());
     assert_eq!(upstream.calls(), 0);
+}
+
+/// An inner service that streams an OpenAI chat completion as SSE, one event per
+/// frame, `gap` apart, and counts its calls.
+fn sse_upstream(calls: Arc<AtomicUsize>, gap: Duration, terminate: bool, policy: Policy) -> Svc {
+    let inner = service_fn(move |_req: Request<RequestBody>| {
+        let n = calls.fetch_add(1, Ordering::SeqCst) + 1;
+        async move {
+            let mut events: Vec<Bytes> = (0..3)
+                .map(|i| {
+                    Bytes::from(format!(
+                        "data: {{\"id\":\"chatcmpl-{n}\",\"object\":\"chat.completion.chunk\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"part {i} \"}}}}]}}\n\n"
+                    ))
+                })
+                .collect();
+            events.push(Bytes::from_static(
+                b"data: {\"id\":\"x\",\"object\":\"chat.completion.chunk\",\"model\":\"gpt-4o-mini\",\"choices\":[],\"usage\":{\"prompt_tokens\":11,\"completion_tokens\":7,\"total_tokens\":18,\"prompt_tokens_details\":{\"cached_tokens\":4},\"completion_tokens_details\":{\"reasoning_tokens\":2}}}\n\n",
+            ));
+            if terminate {
+                events.push(Bytes::from_static(b"data: [DONE]\n\n"));
+            }
+            let frames = futures_util::stream::iter(events).then(move |e| async move {
+                tokio::time::sleep(gap).await;
+                Ok::<_, Infallible>(http_body::Frame::data(e))
+            });
+            let res = Response::builder()
+                .header("content-type", "text/event-stream")
+                .body(http_body_util::StreamBody::new(frames))
+                .unwrap();
+            Ok::<_, Infallible>(res)
+        }
+    });
+    let layer = IdempotencyLayer::with_policy(Arc::new(MemoryStore::new()), policy);
+    tower::util::BoxCloneSyncService::new(layer.layer(inner))
+}
+
+async fn frames(svc: &Svc, req: Request<Full<Bytes>>) -> (String, Vec<Bytes>) {
+    let res = svc.clone().oneshot(req).await.unwrap();
+    let replayed = res.headers()["idempotent-replayed"].to_str().unwrap().to_owned();
+    let mut body = res.into_body();
+    let mut out = Vec::new();
+    while let Some(frame) = body.frame().await {
+        out.push(frame.unwrap().into_data().unwrap());
+    }
+    (replayed, out)
+}
+
+fn chat_stream_req(key: &str) -> Request<Full<Bytes>> {
+    req(key, r#"{"model":"gpt-4o-mini","stream":true,"messages":[]}"#)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_recorded_stream_replays_with_its_chunk_boundaries() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let svc = sse_upstream(calls.clone(), Duration::from_millis(20), true, Policy::default());
+    let (first_flag, first) = frames(&svc, chat_stream_req("sse")).await;
+    let (again_flag, again) = frames(&svc, chat_stream_req("sse")).await;
+    assert_eq!((first_flag.as_str(), again_flag.as_str()), ("false", "true"));
+    assert_eq!(first.len(), 5);
+    assert_eq!(again, first, "same frames, same boundaries");
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_stream_without_its_terminator_is_released() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let svc = sse_upstream(calls.clone(), Duration::from_millis(20), false, Policy::default());
+    let (_, first) = frames(&svc, chat_stream_req("no-done")).await;
+    let (flag, again) = frames(&svc, chat_stream_req("no-done")).await;
+    assert_eq!(flag, "false", "executed again");
+    assert_eq!(first.len(), 4);
+    assert_ne!(again, first);
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn recorded_pace_replays_chunks_at_their_original_offsets() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let paced = Policy::default().with_replay_pace(ReplayPace::Recorded);
+    let svc = sse_upstream(calls.clone(), Duration::from_millis(100), true, paced);
+    let (_, first) = frames(&svc, chat_stream_req("paced")).await;
+
+    // The replay's frames arrive at the recorded offsets: 0, 100, 200, ... ms after
+    // the first (tokio's clock is paused, so the offsets are exact).
+    let res = svc.clone().oneshot(chat_stream_req("paced")).await.unwrap();
+    assert_eq!(res.headers()["idempotent-replayed"], "true");
+    let start = tokio::time::Instant::now();
+    let mut body = res.into_body();
+    let (mut got, mut at) = (Vec::new(), Vec::new());
+    while let Some(frame) = body.frame().await {
+        got.push(frame.unwrap().into_data().unwrap());
+        at.push(start.elapsed().as_millis());
+    }
+    assert_eq!(got, first);
+    assert_eq!(at, [0, 100, 200, 300, 400]);
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
 }

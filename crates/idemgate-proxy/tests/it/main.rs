@@ -204,18 +204,117 @@ async fn an_upstream_that_hangs_is_504_and_a_silent_body_fails_instead_of_being_
     assert_eq!(retry.headers["idempotent-replayed"], "false");
 }
 
+const STREAM: &str =
+    r#"{"model":"claude-sonnet-4-5","stream":true,"max_tokens":64,"messages":[{"role":"user","content":"Write it"}]}"#;
+
+/// Headers that make the mock stream `chunks` text deltas, `delay_ms` apart.
+fn slow_stream(chunks: &'static str, delay_ms: &'static str) -> [(&'static str, &'static str); 2] {
+    // The literal names of `mock::CHUNKS` and `mock::CHUNK_DELAY_MS` (consts give no `&'static str`).
+    [("x-mock-chunks", chunks), ("x-mock-chunk-delay-ms", delay_ms)]
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn event_streams_pass_through_and_are_not_stored_yet() {
+async fn a_stream_is_forwarded_once_and_replayed_byte_for_byte() {
     let mock = MockUpstream::start().await;
     let gw = Gateway::to(&mock).await;
-    let body = r#"{"model":"gpt-4o-mini","stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
-    let a = post(&gw.url("/v1/chat/completions"), Some("s"), body, &[]).await;
-    assert_eq!(a.status, 200);
-    assert!(a.headers["content-type"].to_str().expect("text").starts_with("text/event-stream"));
-    assert!(a.body.ends_with(b"data: [DONE]\n\n"));
-    let b = post(&gw.url("/v1/chat/completions"), Some("s"), body, &[]).await;
-    assert_eq!(b.headers["idempotent-replayed"], "false");
+    let url = gw.url("/v1/messages");
+    let first = post(&url, Some("s"), STREAM, &slow_stream("5", "5")).await;
+    assert_eq!(first.status, 200);
+    assert!(first.headers["content-type"].to_str().expect("text").starts_with("text/event-stream"));
+    assert!(first.body.ends_with(b"event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n"));
+    let again = post(&url, Some("s"), STREAM, &[]).await;
+    assert_eq!(again.headers["idempotent-replayed"], "true");
+    assert_eq!(again.headers["content-type"], first.headers["content-type"]);
+    assert_eq!(again.body, first.body);
+    assert_eq!(mock.calls(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_duplicate_started_mid_stream_gets_the_whole_stream() {
+    let mock = MockUpstream::start().await;
+    let gw = Gateway::to(&mock).await;
+    let url = gw.url("/v1/messages");
+    let original = tokio::spawn({
+        let url = url.clone();
+        async move { post(&url, Some("mid"), STREAM, &slow_stream("8", "40")).await }
+    });
+    // Let a few events through first.
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let joined = post(&url, Some("mid"), STREAM, &slow_stream("8", "40")).await;
+    let original = original.await.expect("original");
+    assert_eq!(joined.headers["idempotent-replayed"], "true");
+    assert_eq!(original.headers["idempotent-replayed"], "false");
+    assert_eq!(joined.body, original.body);
+    assert!(joined.body.ends_with(b"event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n"));
+    assert_eq!(mock.calls(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_concurrent_duplicates_of_a_running_stream_make_one_call() {
+    let mock = MockUpstream::start().await;
+    let gw = Gateway::to(&mock).await;
+    let url = gw.url("/v1/chat/completions");
+    let body = r#"{"model":"gpt-4o-mini","stream":true,"stream_options":{"include_usage":true},"messages":[{"role":"user","content":"hi"}]}"#;
+    let all = futures_util::future::join_all((0..50).map(|_| {
+        let url = url.clone();
+        tokio::spawn(async move { post(&url, Some("fan-out"), body, &slow_stream("10", "20")).await })
+    }))
+    .await;
+    let all: Vec<Answer> = all.into_iter().map(|a| a.expect("task")).collect();
+    assert_eq!(mock.calls(), 1);
+    assert!(all.iter().all(|a| a.status == 200 && a.body == all[0].body));
+    assert!(all[0].body.ends_with(b"data: [DONE]\n\n"));
+    assert_eq!(all.iter().filter(|a| a.headers["idempotent-replayed"] == "false").count(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_cut_before_its_terminator_is_not_stored() {
+    let mock = MockUpstream::start().await;
+    let gw = Gateway::to(&mock).await;
+    let url = gw.url("/v1/responses");
+    let body = r#"{"model":"gpt-4o-mini","stream":true,"input":"hi"}"#;
+    let req = Request::post(&url)
+        .header("idempotency-key", "cut")
+        .header(mock::CUT_AFTER.as_str(), "3")
+        .body(Full::new(Bytes::from_static(body.as_bytes())))
+        .expect("request");
+    let res = client().request(req).await.expect("head");
+    assert_eq!(res.status(), 200);
+    assert!(res.into_body().collect().await.is_err(), "the client sees the break");
+    // The retry executes again, completes, and only that is replayed.
+    let retry = post(&url, Some("cut"), body, &[]).await;
+    assert_eq!(retry.headers["idempotent-replayed"], "false");
+    assert!(String::from_utf8_lossy(&retry.body).contains("event: response.completed"));
+    let replay = post(&url, Some("cut"), body, &[]).await;
+    assert_eq!(replay.body, retry.body);
     assert_eq!(mock.calls(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_hangs_up_mid_stream_gets_the_whole_stream_on_retry() {
+    let mock = MockUpstream::start().await;
+    let gw = Gateway::to(&mock).await;
+    let mut conn = TcpStream::connect(gw.addr).await.expect("connect");
+    let head = format!(
+        "POST /v1/messages HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n\
+         authorization: Bearer sk-test\r\nidempotency-key: gone\r\n{}: 6\r\n{}: 40\r\n\
+         content-length: {}\r\n\r\n{STREAM}",
+        mock::CHUNKS.as_str(),
+        mock::CHUNK_DELAY_MS.as_str(),
+        STREAM.len()
+    );
+    conn.write_all(head.as_bytes()).await.expect("write");
+    // Read the head and the first events, then hang up mid-stream.
+    let mut buf = vec![0u8; 512];
+    let n = conn.read(&mut buf).await.expect("read");
+    assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+    drop(conn);
+    // Wait until the upstream has finished the stream the client abandoned.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let retry = post(&gw.url("/v1/messages"), Some("gone"), STREAM, &[]).await;
+    assert_eq!(retry.headers["idempotent-replayed"], "true");
+    assert!(retry.body.ends_with(b"event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n"));
+    assert_eq!(mock.calls(), 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

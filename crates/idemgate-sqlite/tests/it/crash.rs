@@ -41,12 +41,12 @@ fn response_for(n: u64) -> StoredResponse {
             Bytes::from((0..4096u64).map(|i| (seed.wrapping_add(i * 7) % 251) as u8).collect::<Vec<_>>())
         })
         .collect();
-    StoredResponse {
-        status: 200,
-        headers: vec![("x-request-id".into(), Bytes::from(format!("req_{n}")))],
+    StoredResponse::new(
+        200,
+        vec![("x-request-id".into(), Bytes::from(format!("req_{n}")))],
         chunks,
-        completed_at: Timestamp::from_millis(1_700_000_000_000 + n),
-    }
+        Timestamp::from_millis(1_700_000_000_000 + n),
+    )
 }
 
 #[test]

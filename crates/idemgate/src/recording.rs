@@ -1,0 +1,107 @@
+//! What the owner of a key keeps of a response while it forwards it: the chunks as
+//! they arrived, their timing, whether a stream reached its terminator, and the usage
+//! the provider reported.
+
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use tokio::time::Instant;
+
+use bytes::Bytes;
+
+use crate::clock::Timestamp;
+use crate::flight::Flight;
+use crate::record::StoredResponse;
+use crate::sse::{Event, Protocol, Splitter, StreamTracker, Verdict};
+use crate::usage;
+
+/// JSON bodies larger than this are stored without reading their usage: parsing
+/// them would delay the end of the response for a figure that is only a metric.
+const USAGE_PARSE_LIMIT: usize = 4 * 1024 * 1024;
+
+/// A response body being recorded.
+pub(crate) struct Recording {
+    /// Where the chunks go when followers may read them live; else `chunks`.
+    flight: Option<Arc<Flight>>,
+    chunks: Vec<Bytes>,
+    offsets_ms: Vec<u32>,
+    first: Option<Instant>,
+    stream: Option<Stream>,
+    json: bool,
+}
+
+struct Stream {
+    splitter: Splitter,
+    tracker: StreamTracker,
+    events: Vec<Event>,
+}
+
+impl Recording {
+    /// A plain (non-stream) body; `json` says whether to read usage from it.
+    pub(crate) fn body(json: bool) -> Self {
+        Self { flight: None, chunks: Vec::new(), offsets_ms: Vec::new(), first: None, stream: None, json }
+    }
+
+    /// An event stream of `protocol`, whose chunks go to `flight` for followers.
+    pub(crate) fn stream(protocol: Protocol, flight: Arc<Flight>) -> Self {
+        let stream = Stream { splitter: Splitter::new(), tracker: StreamTracker::new(protocol), events: Vec::new() };
+        Self { flight: Some(flight), stream: Some(stream), ..Self::body(false) }
+    }
+
+    /// Records one chunk, as it is forwarded.
+    pub(crate) fn push(&mut self, chunk: &Bytes) {
+        if let Some(s) = &mut self.stream {
+            let first = *self.first.get_or_insert_with(Instant::now);
+            self.offsets_ms.push(u32::try_from(first.elapsed().as_millis()).unwrap_or(u32::MAX));
+            s.splitter.push(chunk, &mut s.events);
+            for event in s.events.drain(..) {
+                s.tracker.observe(&event);
+            }
+        }
+        match &self.flight {
+            Some(flight) => flight.push(chunk.clone()),
+            None => self.chunks.push(chunk.clone()),
+        }
+    }
+
+    /// The response to store, or `None` when the body is not whole: it ended with an
+    /// error (`clean` false), or a stream stopped before its terminator or carried an
+    /// in-band error.
+    pub(crate) fn finish(mut self, status: u16, headers: Vec<(String, Bytes)>, clean: bool) -> Option<StoredResponse> {
+        let (usage, model) = match &mut self.stream {
+            Some(s) => {
+                s.splitter.finish(&mut s.events);
+                for event in s.events.drain(..) {
+                    s.tracker.observe(&event);
+                }
+                if s.tracker.verdict(clean) != Verdict::Complete {
+                    return None;
+                }
+                (s.tracker.usage(), s.tracker.model().map(str::to_owned))
+            }
+            None if !clean => return None,
+            None => self.json_usage().map_or((None, None), |(u, m)| (Some(u), m)),
+        };
+        let chunks = match &self.flight {
+            Some(flight) => flight.chunks(),
+            None => std::mem::take(&mut self.chunks),
+        };
+        let completed_at = Timestamp::from_system_time(SystemTime::now());
+        let mut response = StoredResponse::new(status, headers, chunks, completed_at);
+        response.offsets_ms = self.offsets_ms;
+        response.usage = usage;
+        response.model = model;
+        Some(response)
+    }
+
+    fn json_usage(&self) -> Option<(usage::Usage, Option<String>)> {
+        let len: usize = self.chunks.iter().map(Bytes::len).sum();
+        if !self.json || len > USAGE_PARSE_LIMIT {
+            return None;
+        }
+        match self.chunks.as_slice() {
+            [one] => usage::from_json_body(one),
+            many => usage::from_json_body(&many.concat()),
+        }
+    }
+}
