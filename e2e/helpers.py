@@ -489,3 +489,101 @@ def anthropic_headers(key: str | None = None, **extra: str) -> dict[str, str]:
 
 def new_key(label: str) -> str:
     return f"e2e-{label}-{uuid.uuid4()}"
+
+
+# --- raw bytes under an SDK, usage, prices --------------------------------------
+
+
+def sdk_httpx(sdk: Any) -> Any:
+    """The httpx flavour ``sdk`` (the ``openai`` or ``anthropic`` module) is built on:
+    its ``DefaultHttpxClient`` subclasses that module's ``Client`` (``httpx2`` in the
+    pinned versions, ``httpx`` in older ones)."""
+    import importlib
+
+    base = next(c for c in sdk.DefaultHttpxClient.__mro__[1:] if c.__name__ == "Client")
+    return importlib.import_module(base.__module__.split(".")[0])
+
+
+@dataclass
+class Tapped:
+    """One response body as the SDK read it off the wire: the bytes, and when each
+    piece arrived (``time.monotonic()``)."""
+
+    status: int
+    headers: dict[str, str]
+    body: bytearray = field(default_factory=bytearray)
+    arrivals: list[float] = field(default_factory=list)
+
+
+def _tapping_transport(httpx_mod: Any, taps: list[Tapped]) -> Any:
+    """A transport that hands every response on unchanged while copying its body bytes
+    (before any decoding) into a new :class:`Tapped` of ``taps``."""
+
+    class TapStream(httpx_mod.SyncByteStream):
+        def __init__(self, inner: Any, tap: Tapped) -> None:
+            self._inner = inner
+            self._tap = tap
+
+        def __iter__(self) -> Any:
+            for chunk in self._inner:
+                self._tap.body.extend(chunk)
+                self._tap.arrivals.append(time.monotonic())
+                yield chunk
+
+        def close(self) -> None:
+            self._inner.close()
+
+    class TapTransport(httpx_mod.BaseTransport):
+        def __init__(self) -> None:
+            self._inner = httpx_mod.HTTPTransport()
+
+        def handle_request(self, request: Any) -> Any:
+            response = self._inner.handle_request(request)
+            tap = Tapped(response.status_code, {k.lower(): v for k, v in response.headers.items()})
+            taps.append(tap)
+            return httpx_mod.Response(
+                status_code=response.status_code,
+                headers=response.headers,
+                stream=TapStream(response.stream, tap),
+                extensions=response.extensions,
+            )
+
+        def close(self) -> None:
+            self._inner.close()
+
+    return TapTransport()
+
+
+class StreamRecorder(Recorder):
+    """A :class:`Recorder` that also keeps the raw body bytes of every response, as the
+    SDK consumed them (``taps``, one per attempt), so a streamed call's bytes can be
+    compared with its replay's without a second request."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.taps: list[Tapped] = []
+
+    def http_client(self, sdk: Any) -> Any:
+        return sdk.DefaultHttpxClient(
+            trust_env=False,
+            transport=_tapping_transport(sdk_httpx(sdk), self.taps),
+            event_hooks={"request": [self._on_request], "response": [self._on_response]},
+        )
+
+
+TOKEN_KINDS = ("input", "cached_input", "output", "reasoning")
+
+
+def tokens_saved(text: str) -> dict[str, float]:
+    """``idemgate_tokens_saved_total`` by ``kind`` (0 for a kind not exported yet)."""
+    return {kind: metric_sum(text, "idemgate_tokens_saved_total", kind=kind) for kind in TOKEN_KINDS}
+
+
+def cost_saved(text: str, currency: str = "USD") -> float:
+    return metric_sum(text, "idemgate_cost_saved_total", currency=currency)
+
+
+def write_config(path: Path, text: str) -> Path:
+    """Writes a TOML config file for ``--config``; returns its path."""
+    path.write_text(text)
+    return path
