@@ -29,6 +29,7 @@
 //! );
 //! ```
 
+pub mod backend;
 mod harness;
 pub mod mock;
 mod sample;

@@ -50,6 +50,7 @@ use crate::error::{BoxError, ErrorKind};
 use crate::fingerprint::Fingerprint;
 use crate::flight::{End as FlightEnd, Flights, Head as FlightHead};
 use crate::key::Key;
+use crate::live::{self, LogWriter};
 use crate::metrics::{self as m, Outcome};
 use crate::policy::{KeyForwarding, KeyRequirement, OnInFlight, OnStoreError, Policy, ReplayPace};
 use crate::problem::Problem;
@@ -57,7 +58,7 @@ use crate::record::StoredResponse;
 use crate::recording::Recording;
 use crate::scope::{Scope, StorageKey};
 use crate::sse::Protocol;
-use crate::store::{Claim, Lease, Store};
+use crate::store::{Claim, Lease, LiveEnd, LiveHead, Store};
 
 /// `Idempotent-Replayed: true|false`, on every response to a keyed request.
 pub const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
@@ -337,6 +338,19 @@ where
                     seen.outcome = Outcome::Joined;
                     return Ok(joined(head, live));
                 }
+                // Another process runs it and publishes its stream through the store.
+                if let Ok(Some(read)) = store.live_read(&skey, 0).await
+                    && read.end.is_none()
+                {
+                    seen.outcome = Outcome::Joined;
+                    let head = FlightHead {
+                        status: StatusCode::from_u16(read.head.status).unwrap_or(StatusCode::OK),
+                        headers: read.head.headers.clone(),
+                        joinable: true,
+                    };
+                    let prices = policy.prices.clone();
+                    return Ok(joined(head, live::follow(store.clone(), skey, read, prices)));
+                }
                 if waiting {
                     let nap = policy.poll_interval.min(wait_until - now);
                     if let Some(w) = wake.take() {
@@ -538,6 +552,7 @@ async fn own<S, ResBody>(
     // The client's end of the body: dropped only after the record is settled, so a
     // client that has read the whole body finds the record completed.
     let mut client: Option<mpsc::Sender<Result<Frame<Bytes>, BoxError>>> = None;
+    let mut log: Option<LogWriter> = None;
     let work = async {
         let res = match inner.oneshot(req).await {
             Ok(res) => res,
@@ -550,7 +565,13 @@ async fn own<S, ResBody>(
         let keep = policy.stores(parts.status);
         let stream = is_event_stream(&parts.headers);
         let headers = if keep { replay_headers(&parts.headers, &policy.replay_headers) } else { Vec::new() };
-        flight.set_head(FlightHead { status: parts.status, headers: headers.clone(), joinable: keep && stream });
+        let joinable = keep && stream;
+        flight.set_head(FlightHead { status: parts.status, headers: headers.clone(), joinable });
+        // Duplicates on other gateway processes follow the stream through the store.
+        log = joinable.then(|| {
+            let head = LiveHead { status: parts.status.as_u16(), headers: headers.clone() };
+            LogWriter::start(store.clone(), lease.clone(), head)
+        });
         let mut recording = keep.then(|| match stream {
             true => Recording::stream(protocol, flight.clone()),
             false => Recording::body(content_type_is(&parts.headers, "application/json")),
@@ -570,6 +591,9 @@ async fn own<S, ResBody>(
                 Some(Ok(frame)) => {
                     if let (Some(rec), Some(data)) = (&mut recording, frame.data_ref()) {
                         rec.push(data);
+                        if let Some(log) = &log {
+                            log.push(data);
+                        }
                     }
                     if let Some(tx) = &client
                         && tx.send(Ok(frame)).await.is_err()
@@ -596,6 +620,9 @@ async fn own<S, ResBody>(
     let backend = store.backend();
     match settle {
         Settle::Complete(response) => {
+            if let Some(log) = &log {
+                log.flush().await;
+            }
             for attempt in 1..=COMPLETE_ATTEMPTS {
                 match m::timed(backend, "complete", store.complete(&lease, &response, policy.ttl)).await {
                     Ok(()) => break,
@@ -612,6 +639,9 @@ async fn own<S, ResBody>(
             }
             // After `complete`: a duplicate that finds the flight over finds the record.
             let followers = flight.end(FlightEnd::Complete);
+            if let Some(log) = log.take() {
+                log.end(LiveEnd::Complete);
+            }
             for _ in 0..followers {
                 m::saved(policy.prices.as_deref(), response.usage.as_ref(), response.model.as_deref());
             }
@@ -624,6 +654,9 @@ async fn own<S, ResBody>(
                 tracing::warn!(target: "idemgate::store", backend, error = %e, "release failed; the lease will run out");
             }
             flight.end(FlightEnd::Broken);
+            if let Some(log) = log.take() {
+                log.end(LiveEnd::Broken);
+            }
         }
     }
     shared.flights.remove(&lease.key, &flight);

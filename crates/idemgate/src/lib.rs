@@ -61,6 +61,7 @@ pub mod fingerprint;
 mod flight;
 pub mod key;
 pub mod layer;
+mod live;
 pub mod metrics;
 pub mod policy;
 pub mod problem;

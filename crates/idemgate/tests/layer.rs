@@ -564,9 +564,22 @@ async fn a_refusal_before_the_body_is_read_closes_the_connection_only_when_a_bod
 }
 
 /// An inner service that streams an OpenAI chat completion as SSE, one event per
-/// frame, `gap` apart, and counts its calls.
-fn sse_upstream(calls: Arc<AtomicUsize>, gap: Duration, terminate: bool, policy: Policy) -> Svc {
-    let inner = service_fn(move |_req: Request<RequestBody>| {
+/// frame, `gap` apart, and counts its calls. Without `terminate` it stops before
+/// `data: [DONE]`.
+fn sse_service(
+    calls: Arc<AtomicUsize>,
+    gap: Duration,
+    terminate: bool,
+) -> impl Service<
+    Request<RequestBody>,
+    Response = Response<impl http_body::Body<Data = Bytes, Error = Infallible> + Send + 'static>,
+    Error = Infallible,
+    Future: Send,
+> + Clone
++ Send
++ Sync
++ 'static {
+    service_fn(move |_req: Request<RequestBody>| {
         let n = calls.fetch_add(1, Ordering::SeqCst) + 1;
         async move {
             let mut events: Vec<Bytes> = (0..3)
@@ -592,9 +605,12 @@ fn sse_upstream(calls: Arc<AtomicUsize>, gap: Duration, terminate: bool, policy:
                 .unwrap();
             Ok::<_, Infallible>(res)
         }
-    });
+    })
+}
+
+fn sse_upstream(calls: Arc<AtomicUsize>, gap: Duration, terminate: bool, policy: Policy) -> Svc {
     let layer = IdempotencyLayer::with_policy(Arc::new(MemoryStore::new()), policy);
-    tower::util::BoxCloneSyncService::new(layer.layer(inner))
+    tower::util::BoxCloneSyncService::new(layer.layer(sse_service(calls, gap, terminate)))
 }
 
 async fn frames(svc: &Svc, req: Request<Full<Bytes>>) -> (String, Vec<Bytes>) {
@@ -657,4 +673,64 @@ async fn recorded_pace_replays_chunks_at_their_original_offsets() {
     assert_eq!(got, first);
     assert_eq!(at, [0, 100, 200, 300, 400]);
     assert_eq!(calls.load(Ordering::SeqCst), 1);
+}
+
+/// Two layers on one store stand for two gateway processes: a duplicate that lands
+/// on the other one joins the live stream through the store's live log.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_duplicate_on_another_process_joins_the_stream_through_the_store() {
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new().with_live_logs());
+    let calls = Arc::new(AtomicUsize::new(0));
+    let process = |calls: &Arc<AtomicUsize>| -> Svc {
+        let layer = IdempotencyLayer::with_policy(store.clone(), Policy::default());
+        tower::util::BoxCloneSyncService::new(layer.layer(sse_service(calls.clone(), Duration::from_millis(60), true)))
+    };
+    let (a, b) = (process(&calls), process(&calls));
+    let original = tokio::spawn({
+        let a = a.clone();
+        async move { frames(&a, chat_stream_req("fleet")).await }
+    });
+    tokio::time::sleep(Duration::from_millis(130)).await;
+    let (joined_flag, joined) = frames(&b, chat_stream_req("fleet")).await;
+    let (first_flag, first) = original.await.unwrap();
+    assert_eq!((first_flag.as_str(), joined_flag.as_str()), ("false", "true"));
+    assert_eq!(joined.concat(), first.concat(), "the same bytes");
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    // Later, the other process replays the stored stream.
+    let (flag, again) = frames(&b, chat_stream_req("fleet")).await;
+    assert_eq!(flag, "true");
+    assert_eq!(again, first);
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_on_another_process_sees_a_broken_original_break() {
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new().with_live_logs());
+    let calls = Arc::new(AtomicUsize::new(0));
+    let process = || -> Svc {
+        let layer = IdempotencyLayer::with_policy(store.clone(), Policy::default());
+        tower::util::BoxCloneSyncService::new(layer.layer(sse_service(calls.clone(), Duration::from_millis(60), false)))
+    };
+    let (a, b) = (process(), process());
+    let original = tokio::spawn({
+        let a = a.clone();
+        async move { frames(&a, chat_stream_req("fleet-cut")).await }
+    });
+    tokio::time::sleep(Duration::from_millis(130)).await;
+    let res = b.clone().oneshot(chat_stream_req("fleet-cut")).await.unwrap();
+    assert_eq!(res.headers()["idempotent-replayed"], "true");
+    let mut body = res.into_body();
+    let mut failed = false;
+    while let Some(frame) = body.frame().await {
+        if frame.is_err() {
+            failed = true;
+            break;
+        }
+    }
+    assert!(failed, "the follower's stream breaks off like the original's");
+    original.await.unwrap();
+    // Nothing was stored: the retry executes.
+    let (flag, _) = frames(&b, chat_stream_req("fleet-cut")).await;
+    assert_eq!(flag, "false");
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
 }

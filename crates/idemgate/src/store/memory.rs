@@ -4,10 +4,14 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
+use bytes::Bytes;
 use futures_util::FutureExt;
 use futures_util::future::{BoxFuture, ready};
 
-use super::{Claim, Decision, Existing, Lease, Notifier, STALE_IN_FLIGHT_GRACE, Store, decide};
+use super::{
+    Claim, Decision, Existing, LIVE_LOG_LINGER, Lease, LiveEnd, LiveHead, LiveRead, Notifier, STALE_IN_FLIGHT_GRACE,
+    Store, decide,
+};
 use crate::clock::{Clock, SystemClock, Timestamp};
 use crate::error::StoreError;
 use crate::fingerprint::Fingerprint;
@@ -23,10 +27,24 @@ use crate::scope::StorageKey;
 /// - Lost connection: there is none; the store lives and dies with the process.
 /// - A lease dropped without `complete` or `release` runs out after its duration, and
 ///   the next claim takes the key over.
+/// - Live logs: none by default (one process fans streams out in memory);
+///   [`MemoryStore::with_live_logs`] keeps them, for tests of several layers on one store.
 pub struct MemoryStore {
     records: Mutex<HashMap<StorageKey, Record>>,
+    /// Live logs, only when enabled with [`MemoryStore::with_live_logs`].
+    live: Option<Mutex<HashMap<StorageKey, Log>>>,
     notifier: Notifier,
     clock: Arc<dyn Clock>,
+}
+
+/// A live log as the memory store keeps it.
+struct Log {
+    token: Token,
+    head: LiveHead,
+    chunks: Vec<Bytes>,
+    end: Option<LiveEnd>,
+    /// Set when the log ends: it is dropped at this time.
+    expires_at: Option<Timestamp>,
 }
 
 impl Default for MemoryStore {
@@ -44,7 +62,27 @@ impl std::fmt::Debug for MemoryStore {
 impl MemoryStore {
     /// An empty store on the system clock.
     pub fn new() -> Self {
-        Self { records: Mutex::default(), notifier: Notifier::new(), clock: Arc::new(SystemClock) }
+        Self { records: Mutex::default(), live: None, notifier: Notifier::new(), clock: Arc::new(SystemClock) }
+    }
+
+    /// Keeps live logs of streams, as a store shared by several gateway processes does.
+    ///
+    /// One process needs none (the layer fans a stream out in memory); this is for
+    /// tests that put two layers, standing for two processes, on one store.
+    pub fn with_live_logs(mut self) -> Self {
+        self.live = Some(Mutex::default());
+        self
+    }
+
+    fn logs(&self) -> Option<MutexGuard<'_, HashMap<StorageKey, Log>>> {
+        self.live.as_ref().map(|m| m.lock().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// Whether `lease` still owns its record.
+    fn owns(&self, lease: &Lease) -> bool {
+        self.lock()
+            .get(&lease.key)
+            .is_some_and(|r| matches!(r.state, RecordState::InFlight { token, .. } if token == lease.token))
     }
 
     /// Reads time from `clock` instead (tests move a [`ManualClock`](crate::ManualClock)).
@@ -169,6 +207,9 @@ impl Store for MemoryStore {
 
     fn purge<'a>(&'a self, key: &'a StorageKey) -> BoxFuture<'a, Result<bool, StoreError>> {
         let existed = self.lock().remove(key).is_some();
+        if let Some(mut logs) = self.logs() {
+            logs.remove(key);
+        }
         if existed {
             self.notifier.notify(key);
         }
@@ -191,6 +232,9 @@ impl Store for MemoryStore {
             records.remove(key);
         }
         drop(records);
+        if let Some(mut logs) = self.logs() {
+            logs.retain(|_, log| log.expires_at.is_none_or(|at| at > now));
+        }
         self.notifier.prune();
         ready(Ok(expired.len())).boxed()
     }
@@ -201,5 +245,87 @@ impl Store for MemoryStore {
 
     fn ping(&self) -> BoxFuture<'_, Result<(), StoreError>> {
         ready(Ok(())).boxed()
+    }
+
+    fn live_begin<'a>(&'a self, lease: &'a Lease, head: &'a LiveHead) -> BoxFuture<'a, Result<bool, StoreError>> {
+        // A takeover right after this check is fenced out by `live_append`, which checks
+        // both tokens. The two locks are never held together.
+        let owns = self.owns(lease);
+        let res = match self.logs() {
+            None => Ok(false),
+            Some(_) if !owns => Err(StoreError::lease_lost()),
+            Some(mut logs) => {
+                let log =
+                    Log { token: lease.token, head: head.clone(), chunks: Vec::new(), end: None, expires_at: None };
+                logs.insert(lease.key, log);
+                Ok(true)
+            }
+        };
+        ready(res).boxed()
+    }
+
+    fn live_append<'a>(
+        &'a self,
+        lease: &'a Lease,
+        first: u64,
+        chunks: &'a [Bytes],
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        let owns = self.owns(lease);
+        let res = match self.logs() {
+            None => Ok(()),
+            Some(mut logs) => match logs.get_mut(&lease.key) {
+                Some(log) if owns && log.token == lease.token && log.end.is_none() => {
+                    // Chunks already in the log (a retried append) are not added twice.
+                    let have = log.chunks.len() as u64;
+                    let skip = usize::try_from(have.saturating_sub(first)).unwrap_or(usize::MAX);
+                    if first <= have {
+                        log.chunks.extend(chunks.iter().skip(skip).cloned());
+                    }
+                    Ok(())
+                }
+                _ => Err(StoreError::lease_lost()),
+            },
+        };
+        if res.is_ok() {
+            self.notifier.notify(&lease.key);
+        }
+        ready(res).boxed()
+    }
+
+    fn live_end<'a>(&'a self, lease: &'a Lease, end: LiveEnd) -> BoxFuture<'a, Result<(), StoreError>> {
+        let now = self.clock.now();
+        let res = match self.logs() {
+            None => Ok(()),
+            Some(mut logs) => match logs.get_mut(&lease.key) {
+                Some(log) if log.token == lease.token => {
+                    log.end = Some(end);
+                    log.expires_at = Some(now + LIVE_LOG_LINGER);
+                    Ok(())
+                }
+                _ => Err(StoreError::lease_lost()),
+            },
+        };
+        if res.is_ok() {
+            self.notifier.notify(&lease.key);
+        }
+        ready(res).boxed()
+    }
+
+    fn live_read<'a>(&'a self, key: &'a StorageKey, from: u64) -> BoxFuture<'a, Result<Option<LiveRead>, StoreError>> {
+        let now = self.clock.now();
+        let read = self.logs().and_then(|mut logs| {
+            if logs.get(key).and_then(|l| l.expires_at).is_some_and(|at| at <= now) {
+                logs.remove(key);
+            }
+            let log = logs.get(key)?;
+            let skip = usize::try_from(from).unwrap_or(usize::MAX);
+            Some(LiveRead {
+                token: log.token,
+                head: log.head.clone(),
+                chunks: log.chunks.iter().skip(skip).cloned().collect(),
+                end: log.end,
+            })
+        });
+        ready(Ok(read)).boxed()
     }
 }

@@ -15,6 +15,7 @@ mod notify;
 
 use std::time::Duration;
 
+use bytes::Bytes;
 pub use futures_util::future::BoxFuture;
 
 pub use self::memory::MemoryStore;
@@ -116,6 +117,80 @@ pub trait Store: Send + Sync + 'static {
 
     /// Checks that the store answers (for readiness probes).
     fn ping(&self) -> BoxFuture<'_, Result<(), StoreError>>;
+
+    /// Opens the live log of an in-flight streamed response, so that duplicates that
+    /// land on other processes can follow it while it runs. Fenced by the lease; any
+    /// earlier log of the key is discarded.
+    ///
+    /// Returns `Ok(false)` when the store does not share live logs: stores that serve
+    /// one process (memory, SQLite) rely on the layer's in-process fan-out instead, and
+    /// that is the default.
+    fn live_begin<'a>(&'a self, lease: &'a Lease, head: &'a LiveHead) -> BoxFuture<'a, Result<bool, StoreError>> {
+        let _ = (lease, head);
+        Box::pin(std::future::ready(Ok(false)))
+    }
+
+    /// Appends `chunks` to the live log, the first of them being chunk number `first`
+    /// (counted from 0); a chunk already in the log is not appended twice. Fenced by
+    /// the lease; wakes watchers of the key.
+    fn live_append<'a>(
+        &'a self,
+        lease: &'a Lease,
+        first: u64,
+        chunks: &'a [Bytes],
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        let _ = (lease, first, chunks);
+        Box::pin(std::future::ready(Ok(())))
+    }
+
+    /// Ends the live log. Unlike the other live operations it is not fenced by the
+    /// record (which `complete` or `release` already changed), only by the log's own
+    /// token; the log is kept for [`LIVE_LOG_LINGER`] so slow followers can finish.
+    fn live_end<'a>(&'a self, lease: &'a Lease, end: LiveEnd) -> BoxFuture<'a, Result<(), StoreError>> {
+        let _ = (lease, end);
+        Box::pin(std::future::ready(Ok(())))
+    }
+
+    /// Reads the live log of `key` from chunk number `from` on; `None` when there is no
+    /// live log (the store does not share them, or the key has none).
+    fn live_read<'a>(&'a self, key: &'a StorageKey, from: u64) -> BoxFuture<'a, Result<Option<LiveRead>, StoreError>> {
+        let _ = (key, from);
+        Box::pin(std::future::ready(Ok(None)))
+    }
+}
+
+/// How long an ended live log stays readable, for followers still reading it.
+pub const LIVE_LOG_LINGER: Duration = Duration::from_secs(60);
+
+/// The head of a live response, as its log carries it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LiveHead {
+    /// The HTTP status.
+    pub status: u16,
+    /// The replayable headers (the same allow-list as a stored record).
+    pub headers: Vec<(String, Bytes)>,
+}
+
+/// How a live log ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LiveEnd {
+    /// The stream reached its terminator.
+    Complete,
+    /// The stream broke off or failed; nothing was stored.
+    Broken,
+}
+
+/// What a follower read of a live log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LiveRead {
+    /// The fencing token of the owner that wrote the log (a takeover starts a new log).
+    pub token: Token,
+    /// The response head.
+    pub head: LiveHead,
+    /// The chunks from the requested number on.
+    pub chunks: Vec<Bytes>,
+    /// How the log ended, if it has.
+    pub end: Option<LiveEnd>,
 }
 
 /// The state of an existing record, as [`decide`] needs it.
