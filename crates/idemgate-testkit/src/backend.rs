@@ -63,9 +63,10 @@ fn skip(test: &str, why: &str) -> Option<String> {
     if in_ci() {
         panic!("{test}: {why}; CI never skips a backend test");
     }
-    // The harness shows a passing test's output only with --nocapture; stderr of a
-    // skipped test must be seen, so it is printed without capture.
-    eprintln!("SKIPPED {test}: {why} (run scripts/test to start the servers)");
+    // libtest captures `eprintln!` of a passing test; a direct write to stderr is not
+    // captured, so the skip is seen in every run.
+    use std::io::Write as _;
+    let _ = writeln!(std::io::stderr(), "SKIPPED {test}: {why} (run scripts/test to start the servers)");
     None
 }
 

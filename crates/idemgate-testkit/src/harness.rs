@@ -58,14 +58,27 @@ impl TimeControl {
 /// directory, a server's scratch schema).
 pub struct Fixture {
     // Field order is drop order: the store goes before the guard it may depend on.
-    store: Arc<dyn Store>,
+    // `None` marks a skipped case (see `Fixture::skip`).
+    store: Option<Arc<dyn Store>>,
     guard: Option<Box<dyn Any + Send>>,
 }
 
 impl Fixture {
     /// A fixture holding `store` alone.
     pub fn new(store: impl Store) -> Self {
-        Self { store: Arc::new(store), guard: None }
+        Self { store: Some(Arc::new(store)), guard: None }
+    }
+
+    /// No store: the case is skipped and passes. For backends whose server is not
+    /// there, after [`backend::backend_url`](crate::backend::backend_url) has said so
+    /// (and has failed the test instead under CI).
+    pub fn skip() -> Self {
+        Self { store: None, guard: None }
+    }
+
+    /// Whether this fixture skips its case.
+    pub const fn is_skipped(&self) -> bool {
+        self.store.is_none()
     }
 
     /// Keeps `guard` alive until the store has been dropped.
@@ -83,7 +96,7 @@ impl<S: Store> From<S> for Fixture {
 
 impl std::fmt::Debug for Fixture {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Fixture").field("backend", &self.store.backend()).finish_non_exhaustive()
+        f.debug_struct("Fixture").field("backend", &self.store.as_ref().map(|s| s.backend())).finish_non_exhaustive()
     }
 }
 
@@ -97,13 +110,19 @@ pub struct Harness {
 
 impl Harness {
     /// A harness over `fixture`, with time moved by `time`.
+    ///
+    /// # Panics
+    ///
+    /// If the fixture is [skipped](Fixture::skip): a skipped case has no store to run on.
     pub fn new(fixture: impl Into<Fixture>, time: TimeControl) -> Self {
-        Self { fixture: fixture.into(), time }
+        let fixture = fixture.into();
+        assert!(!fixture.is_skipped(), "a skipped fixture has no store to run a case on");
+        Self { fixture, time }
     }
 
     /// The store under test.
     pub fn store(&self) -> &Arc<dyn Store> {
-        &self.fixture.store
+        self.fixture.store.as_ref().expect("Harness::new refuses a skipped fixture")
     }
 
     /// The time control.
@@ -139,6 +158,7 @@ impl Harness {
 /// Runs `case` against the store `make` builds on a [`ManualClock`] starting at
 /// [`START`], on a fresh multi-threaded runtime (four workers, so that concurrent
 /// claims really race). [`store_suite!`](crate::store_suite) calls this once per case.
+/// A [skipped](Fixture::skip) fixture skips the case.
 pub fn run_manual<M, MF, F, C, CF>(make: M, case: C)
 where
     M: FnOnce(ManualClock) -> MF,
@@ -149,14 +169,18 @@ where
 {
     runtime().block_on(async move {
         let clock = ManualClock::new(START);
-        let fixture = make(clock.clone()).await;
+        let fixture = make(clock.clone()).await.into();
+        if fixture.is_skipped() {
+            return;
+        }
         case(Harness::new(fixture, TimeControl::Manual(clock))).await;
     });
 }
 
 /// Runs `case` against a store that reads real time: `make` still receives a
 /// [`ManualClock`] (so both modes take the same closure), but nothing advances it,
-/// and the store is expected to ignore it.
+/// and the store is expected to ignore it. A [skipped](Fixture::skip) fixture skips the
+/// case.
 pub fn run_real_time<M, MF, F, C, CF>(make: M, case: C)
 where
     M: FnOnce(ManualClock) -> MF,
@@ -166,7 +190,10 @@ where
     CF: Future<Output = ()>,
 {
     runtime().block_on(async move {
-        let fixture = make(ManualClock::new(START)).await;
+        let fixture = make(ManualClock::new(START)).await.into();
+        if fixture.is_skipped() {
+            return;
+        }
         case(Harness::new(fixture, TimeControl::Real)).await;
     });
 }

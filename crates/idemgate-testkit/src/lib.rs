@@ -42,7 +42,8 @@ pub use self::sample::{empty_response, fp, key, large_response, sample_response}
 /// the store that `make` builds.
 ///
 /// `make` is a closure `Fn(ManualClock) -> impl Future<Output = F>` where `F` is a
-/// [`Store`](idemgate::Store) or a [`Fixture`]. The tests are named after the cases
+/// [`Store`](idemgate::Store) or a [`Fixture`]; [`Fixture::skip`] skips the case (a
+/// backend whose server is not there). The tests are named after the cases
 /// (`case_claim_on_absent_key_acquires`, ...), so invoke the macro once per module:
 /// a crate that runs the suite twice (on a file and in memory) puts each in its own
 /// `mod`.
@@ -73,6 +74,10 @@ macro_rules! store_suite {
             case_get_returns_the_record_as_stored,
             case_large_body_round_trips,
             case_fenced_operations_are_atomic_against_takeover,
+            case_live_log_keeps_chunks_in_order,
+            case_live_log_is_fenced_by_the_lease,
+            case_live_log_end_is_readable_until_a_new_owner_begins,
+            case_watch_wakes_on_live_append_and_end,
         }
     };
     (@tests $run:ident, $make:expr; $($case:ident),* $(,)?) => {

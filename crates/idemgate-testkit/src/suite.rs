@@ -10,7 +10,8 @@ use std::fmt::Debug;
 use std::sync::Arc;
 use std::time::Duration;
 
-use idemgate::store::STALE_IN_FLIGHT_GRACE;
+use bytes::Bytes;
+use idemgate::store::{LiveEnd, LiveHead, LiveRead, STALE_IN_FLIGHT_GRACE};
 use idemgate::{
     Claim, ErrorKind, Fingerprint, Lease, Record, RecordState, StorageKey, StoreError, StoredResponse, Timestamp, Token,
 };
@@ -450,7 +451,7 @@ pub async fn case_watch_wakes_on_complete_release_and_purge(h: Harness) {
 /// has a name for metrics.
 pub async fn case_get_returns_the_record_as_stored(h: Harness) {
     let name = h.store().backend();
-    assert!(!name.is_empty() && name.bytes().all(|b| b.is_ascii_lowercase()), "backend name {name:?}");
+    assert!(!name.is_empty() && name.bytes().all(|b| b.is_ascii_lowercase() || b == b'-'), "backend name {name:?}");
     h.store().ping().await.expect("ping answers");
     assert_eq!(get(&h, key(1)).await, None);
 
@@ -573,4 +574,209 @@ pub async fn case_fenced_operations_are_atomic_against_takeover(h: Harness) {
             ),
         }
     }
+}
+
+/// The head every live-log case opens its log with.
+fn live_head(status: u16) -> LiveHead {
+    LiveHead {
+        status,
+        headers: vec![
+            ("content-type".into(), Bytes::from_static(b"text/event-stream")),
+            ("x-opaque".into(), Bytes::from_static(b"caf\xe9 \xff")),
+        ],
+    }
+}
+
+/// `n` distinct chunks numbered from `first`, an empty one among them.
+fn live_chunks(first: u64, n: u64) -> Vec<Bytes> {
+    (first..first + n)
+        .map(|i| if i == 3 { Bytes::new() } else { Bytes::from(format!("data: {{\"n\":{i}}}\n\n")) })
+        .collect()
+}
+
+async fn live_read(h: &Harness, k: StorageKey, from: u64) -> Option<LiveRead> {
+    h.store().live_read(&k, from).await.expect("live_read answers")
+}
+
+/// Asserts that a store that does not share live logs (its `live_begin` answered
+/// `false`) ignores every other live operation: nothing is readable, nothing fails,
+/// and the record is untouched.
+async fn assert_no_live_log(h: &Harness, lease: &Lease) {
+    let k = lease.key;
+    let before = get(h, k).await;
+    assert_eq!(live_read(h, k, 0).await, None, "a store that does not share live logs has none to read");
+    h.store().live_append(lease, 0, &live_chunks(0, 3)).await.expect("live_append is accepted and ignored");
+    h.store().live_end(lease, LiveEnd::Complete).await.expect("live_end is accepted and ignored");
+    assert_eq!(live_read(h, k, 0).await, None, "appending and ending created no live log");
+    assert_eq!(get(h, k).await, before, "live operations do not touch the record");
+}
+
+/// A live log holds the head, then the chunks in order; a follower reads it from any
+/// chunk number, and an append of chunks already in the log (a retry) adds only the
+/// ones that are new. A store that does not share live logs reads none.
+pub async fn case_live_log_keeps_chunks_in_order(h: Harness) {
+    let (k, f) = (key(1), fp(1));
+    let lease = acquire(&h, k, f).await;
+    let before = get(&h, k).await;
+    if !h.store().live_begin(&lease, &live_head(200)).await.expect("live_begin answers") {
+        assert_no_live_log(&h, &lease).await;
+        return;
+    }
+    let read = live_read(&h, k, 0).await.expect("an opened log reads");
+    assert_eq!(
+        read,
+        LiveRead { token: lease.token, head: live_head(200), chunks: Vec::new(), end: None },
+        "a fresh log has the head and no chunks"
+    );
+
+    let all = live_chunks(0, 6);
+    h.store().live_append(&lease, 0, &all[..2]).await.expect("the owner appends");
+    h.store().live_append(&lease, 2, &all[2..3]).await.expect("the owner appends");
+    h.store().live_append(&lease, 3, &all[3..]).await.expect("the owner appends");
+    let read = live_read(&h, k, 0).await.expect("the log reads");
+    assert_eq!(read.chunks, all, "every chunk, in order, the empty one included");
+    assert_eq!((read.token, read.end), (lease.token, None));
+    for from in 1..=all.len() {
+        let read = live_read(&h, k, from as u64).await.expect("the log reads");
+        assert_eq!(read.chunks, all[from..], "chunks from number {from}");
+        assert_eq!(read.head, live_head(200));
+    }
+    assert_eq!(live_read(&h, k, 100).await.map(|r| r.chunks), Some(Vec::new()), "past the end: no chunks");
+
+    // A retried append (the first try's answer was lost) changes nothing.
+    h.store().live_append(&lease, 3, &all[3..]).await.expect("a retried append is accepted");
+    h.store().live_append(&lease, 0, &all[..1]).await.expect("a retried append is accepted");
+    assert_eq!(live_read(&h, k, 0).await.map(|r| r.chunks), Some(all.clone()), "nothing was appended twice");
+    // One that overlaps the end appends only the chunks past it.
+    let more = live_chunks(4, 4);
+    h.store().live_append(&lease, 4, &more).await.expect("the owner appends");
+    let mut expected = all;
+    expected.extend_from_slice(&more[2..]);
+    assert_eq!(live_read(&h, k, 0).await.map(|r| r.chunks), Some(expected), "only chunks 6 and 7 were new");
+    h.store().live_append(&lease, 8, &[]).await.expect("an empty append is accepted");
+
+    assert_eq!(get(&h, k).await, before, "the live log does not touch the record");
+    assert_eq!(live_read(&h, key(2), 0).await, None, "a key nobody opened a log for has none");
+}
+
+/// Only the lease that owns the record can open its live log or append to it: a
+/// foreign token, and an old owner whose lease was taken over, get `Conflict` and
+/// change nothing. A new owner's log replaces the old one.
+pub async fn case_live_log_is_fenced_by_the_lease(h: Harness) {
+    let (k, f) = (key(1), fp(1));
+    let old = acquire(&h, k, f).await;
+    let foreign = Lease { token: Token::generate(), ..old.clone() };
+    match h.store().live_begin(&foreign, &live_head(200)).await {
+        Ok(false) => {
+            assert_no_live_log(&h, &old).await;
+            return;
+        }
+        Ok(true) => panic!("a foreign token opened a live log"),
+        Err(e) => assert_eq!(e.kind(), ErrorKind::Conflict, "live_begin with a foreign token: {e}"),
+    }
+    assert_eq!(live_read(&h, k, 0).await, None, "the foreign begin opened nothing");
+    assert!(h.store().live_begin(&old, &live_head(200)).await.expect("the owner opens its log"));
+    let chunks = live_chunks(0, 2);
+    h.store().live_append(&old, 0, &chunks).await.expect("the owner appends");
+    let opened = live_read(&h, k, 0).await;
+
+    assert_conflict(h.store().live_append(&foreign, 2, &live_chunks(2, 1)).await, "live_append with a foreign token");
+    assert_conflict(h.store().live_end(&foreign, LiveEnd::Broken).await, "live_end with a foreign token");
+    assert_conflict(h.store().live_begin(&foreign, &live_head(500)).await, "live_begin with a foreign token");
+    assert_eq!(live_read(&h, k, 0).await, opened, "the foreign token changed nothing");
+    let nowhere = Lease { key: key(2), ..old.clone() };
+    assert_conflict(h.store().live_begin(&nowhere, &live_head(200)).await, "live_begin on an absent key");
+    assert_conflict(h.store().live_append(&nowhere, 0, &chunks).await, "live_append on an absent key");
+    assert_eq!(live_read(&h, key(2), 0).await, None, "a fenced live operation never creates a log");
+
+    // The owner stalls; a retry takes the key over and opens its own log.
+    h.advance(PAST_LEASE).await;
+    let new = acquire(&h, k, f).await;
+    assert!(new.took_over);
+    assert_conflict(h.store().live_append(&old, 2, &live_chunks(2, 1)).await, "the old owner appends after takeover");
+    assert_conflict(h.store().live_begin(&old, &live_head(200)).await, "the old owner reopens after takeover");
+    assert_eq!(live_read(&h, k, 0).await, opened, "the old owner changed nothing");
+
+    assert!(h.store().live_begin(&new, &live_head(201)).await.expect("the new owner opens its log"));
+    assert_eq!(
+        live_read(&h, k, 0).await,
+        Some(LiveRead { token: new.token, head: live_head(201), chunks: Vec::new(), end: None }),
+        "the new owner's log replaced the old one"
+    );
+    assert_conflict(h.store().live_append(&old, 2, &live_chunks(2, 1)).await, "the old owner appends to the new log");
+    assert_conflict(h.store().live_end(&old, LiveEnd::Complete).await, "the old owner ends the new log");
+    let other = live_chunks(10, 1);
+    h.store().live_append(&new, 0, &other).await.expect("the new owner appends");
+    assert_eq!(
+        live_read(&h, k, 0).await,
+        Some(LiveRead { token: new.token, head: live_head(201), chunks: other, end: None })
+    );
+}
+
+/// Ending a log records how it ended and keeps its chunks readable, also after the
+/// record was completed or released (ending is fenced by the log alone). After a
+/// release, the next owner's log replaces the ended one.
+pub async fn case_live_log_end_is_readable_until_a_new_owner_begins(h: Harness) {
+    let (k, f) = (key(1), fp(1));
+    let first = acquire(&h, k, f).await;
+    if !h.store().live_begin(&first, &live_head(200)).await.expect("live_begin answers") {
+        assert_no_live_log(&h, &first).await;
+        return;
+    }
+    let chunks = live_chunks(0, 3);
+    h.store().live_append(&first, 0, &chunks).await.expect("the owner appends");
+    // The stream broke off: the owner releases the key, then ends its log.
+    h.store().release(&first).await.expect("the owner releases");
+    h.store().live_end(&first, LiveEnd::Broken).await.expect("the owner ends its log after release");
+    let ended =
+        LiveRead { token: first.token, head: live_head(200), chunks: chunks.clone(), end: Some(LiveEnd::Broken) };
+    assert_eq!(live_read(&h, k, 0).await, Some(ended.clone()), "the ended log is still readable");
+    assert_eq!(
+        live_read(&h, k, 2).await.map(|r| (r.chunks, r.end)),
+        Some((chunks[2..].to_vec(), Some(LiveEnd::Broken)))
+    );
+    assert_conflict(h.store().live_append(&first, 3, &live_chunks(3, 1)).await, "appending after release");
+    assert_eq!(live_read(&h, k, 0).await, Some(ended), "nothing was appended to the ended log");
+
+    // The retry runs again and streams to the end.
+    let second = acquire(&h, k, f).await;
+    assert!(!second.took_over);
+    assert!(h.store().live_begin(&second, &live_head(200)).await.expect("the new owner opens its log"));
+    assert_eq!(
+        live_read(&h, k, 0).await,
+        Some(LiveRead { token: second.token, head: live_head(200), chunks: Vec::new(), end: None }),
+        "the new owner's log replaced the ended one"
+    );
+    assert_conflict(h.store().live_end(&first, LiveEnd::Complete).await, "the first owner ends the new log");
+    let all = live_chunks(0, 4);
+    h.store().live_append(&second, 0, &all).await.expect("the owner appends");
+    let response = sample_response(h.now());
+    complete(&h, &second, &response, LONG_TTL).await;
+    h.store().live_end(&second, LiveEnd::Complete).await.expect("the owner ends its log after complete");
+    assert_eq!(
+        live_read(&h, k, 0).await,
+        Some(LiveRead { token: second.token, head: live_head(200), chunks: all, end: Some(LiveEnd::Complete) })
+    );
+    assert_completed(claim(&h, k, f).await, &response);
+}
+
+/// A watch taken before an append or the end of a live log resolves after it, so a
+/// follower in another process need not poll for every chunk.
+pub async fn case_watch_wakes_on_live_append_and_end(h: Harness) {
+    let (k, f) = (key(1), fp(1));
+    let lease = acquire(&h, k, f).await;
+    if !h.store().live_begin(&lease, &live_head(200)).await.expect("live_begin answers") {
+        assert_no_live_log(&h, &lease).await;
+        return;
+    }
+    let untouched = h.store().watch(&key(99));
+    for n in 0..3 {
+        let woken = h.store().watch(&k);
+        h.store().live_append(&lease, n, &live_chunks(n, 1)).await.expect("the owner appends");
+        tokio::time::timeout(WAKE_TIMEOUT, woken).await.expect("an append wakes a watcher");
+    }
+    let woken = h.store().watch(&k);
+    h.store().live_end(&lease, LiveEnd::Complete).await.expect("the owner ends its log");
+    tokio::time::timeout(WAKE_TIMEOUT, woken).await.expect("the end wakes a watcher");
+    assert!(tokio::time::timeout(QUIET, untouched).await.is_err(), "a watch on an untouched key stays pending");
 }

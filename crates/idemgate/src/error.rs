@@ -17,6 +17,8 @@ pub enum ErrorKind {
     Conflict,
     /// The store holds data this build cannot read.
     Corrupt,
+    /// The store's settings (its URL, its options) cannot work; retrying will not help.
+    Invalid,
 }
 
 /// A store operation failed.
@@ -49,6 +51,11 @@ impl StoreError {
     /// The store holds unreadable data.
     pub fn corrupt(message: impl Into<String>) -> Self {
         Self { kind: ErrorKind::Corrupt, message: message.into(), source: None }
+    }
+
+    /// The store's settings cannot work (a malformed URL, an unknown option).
+    pub fn invalid(message: impl Into<String>, source: impl Into<BoxError>) -> Self {
+        Self { kind: ErrorKind::Invalid, message: message.into(), source: Some(source.into()) }
     }
 
     /// The kind of failure.

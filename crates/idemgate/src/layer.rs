@@ -626,6 +626,13 @@ async fn own<S, ResBody>(
             for attempt in 1..=COMPLETE_ATTEMPTS {
                 match m::timed(backend, "complete", store.complete(&lease, &response, policy.ttl)).await {
                     Ok(()) => break,
+                    // A retry after a failed attempt may find the key completed by that
+                    // very attempt, whose answer was lost on the way back: check.
+                    Err(e)
+                        if e.kind() == ErrorKind::Conflict && attempt > 1 && completed_by_us(store, &lease).await =>
+                    {
+                        break;
+                    }
                     Err(e) if e.kind() == ErrorKind::Conflict => {
                         metrics::counter!(m::LEASE_LOST_TOTAL).increment(1);
                         tracing::warn!(target: "idemgate::store", key = lease.key.short(), "lease lost before complete; result not stored");
@@ -661,6 +668,17 @@ async fn own<S, ResBody>(
     }
     shared.flights.remove(&lease.key, &flight);
     drop(client);
+}
+
+/// Whether the key is completed, which after a failed `complete` most likely means
+/// that attempt committed and only its answer was lost. (A successor that took over
+/// and completed looks the same; either way a result is stored, which is all the
+/// caller reports.)
+async fn completed_by_us(store: &Arc<dyn Store>, lease: &Lease) -> bool {
+    matches!(
+        store.get(&lease.key).await,
+        Ok(Some(record)) if matches!(record.state, crate::record::RecordState::Completed { .. })
+    )
 }
 
 /// Drives `work` while renewing `lease` every third of its duration.
