@@ -1,0 +1,244 @@
+//! The connection URL: what tokio-postgres reads, plus the options idemgate adds.
+//!
+//! `postgres://user[:password]@host[:port]/dbname[?option=value&...]` (or
+//! `postgresql://`). The options tokio-postgres knows (`sslmode`, `application_name`,
+//! `connect_timeout`, ...) go to it unchanged; idemgate takes out its own (`schema`,
+//! `pool_size`, `timeout_ms`) first, because tokio-postgres refuses options it does not
+//! know. Error messages never repeat the URL: it may carry a password.
+
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use idemgate::StoreError;
+use tokio_postgres::config::SslMode;
+use tokio_postgres_rustls::MakeRustlsConnect;
+
+/// The options of one store, from its URL and the builder.
+#[derive(Clone)]
+pub(crate) struct Options {
+    /// The connection settings tokio-postgres uses, for the pool and the listener.
+    pub(crate) pg: tokio_postgres::Config,
+    /// The schema of the tables; `None` uses the connection's `search_path`.
+    pub(crate) schema: Option<String>,
+    /// The most connections the pool opens.
+    pub(crate) pool_size: usize,
+    /// The bound on each step of an operation: waiting for a connection, opening one,
+    /// and running the statement.
+    pub(crate) timeout: Duration,
+}
+
+/// The pool size when the URL and the builder name none.
+pub(crate) const DEFAULT_POOL_SIZE: usize = 16;
+/// The operation timeout when the URL and the builder name none.
+pub(crate) const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
+/// The `application_name` the gateway's sessions carry unless the URL names one.
+const DEFAULT_APPLICATION_NAME: &str = "idemgate";
+/// The longest schema name: the notification channel `idemgate.<schema>` must stay
+/// within PostgreSQL's 63-byte identifiers.
+const MAX_SCHEMA_LEN: usize = 50;
+
+impl Options {
+    /// Parses `url`; see the module docs for the format.
+    pub(crate) fn parse(url: &str) -> Result<Self, StoreError> {
+        let Some((scheme, rest)) = url.split_once("://") else {
+            return Err(invalid("the postgres url must start with postgres:// or postgresql://"));
+        };
+        if scheme != "postgres" && scheme != "postgresql" {
+            return Err(invalid(format!(
+                "the postgres url has scheme {scheme:?}; expected postgres:// or postgresql://"
+            )));
+        }
+        let (base, query) = rest.split_once('?').unwrap_or((rest, ""));
+        let mut schema = None;
+        let mut pool_size = None;
+        let mut timeout = None;
+        let mut tls = false;
+        let mut kept = Vec::new();
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+            match name {
+                "schema" => schema = Some(value.to_owned()),
+                "pool_size" => {
+                    let n = value.parse::<usize>().ok().filter(|&n| n > 0);
+                    pool_size =
+                        Some(n.ok_or_else(|| invalid("pool_size in the postgres url must be a number above 0"))?);
+                }
+                "timeout_ms" => {
+                    let ms = value.parse::<u64>().ok().filter(|&ms| ms > 0);
+                    let ms = ms.ok_or_else(|| invalid("timeout_ms in the postgres url must be a number above 0"))?;
+                    timeout = Some(Duration::from_millis(ms));
+                }
+                // rustls always verifies the certificate and the host name, which is
+                // what libpq calls verify-full; tokio-postgres only knows `require`.
+                "sslmode" if matches!(value, "require" | "verify-ca" | "verify-full") => {
+                    tls = true;
+                    kept.push("sslmode=require".to_owned());
+                }
+                _ => kept.push(pair.to_owned()),
+            }
+        }
+        let rebuilt = if kept.is_empty() {
+            format!("{scheme}://{base}")
+        } else {
+            format!("{scheme}://{base}?{}", kept.join("&"))
+        };
+        let mut pg = tokio_postgres::Config::from_str(&rebuilt)
+            .map_err(|e| StoreError::invalid("the postgres url is not valid", e))?;
+        if !tls {
+            // `prefer`, tokio-postgres' default, would try TLS with a verifying
+            // connector and fail on the self-signed certificates `prefer` is meant to
+            // tolerate: without an explicit `require`, connect in plain text.
+            pg.ssl_mode(SslMode::Disable);
+        }
+        if pg.get_application_name().is_none() {
+            pg.application_name(DEFAULT_APPLICATION_NAME);
+        }
+        let mut options =
+            Self { pg, schema: None, pool_size: pool_size.unwrap_or(DEFAULT_POOL_SIZE), timeout: DEFAULT_TIMEOUT };
+        if let Some(schema) = schema {
+            options.set_schema(schema)?;
+        }
+        if let Some(timeout) = timeout {
+            options.set_timeout(timeout);
+        } else {
+            options.default_connect_timeout();
+        }
+        Ok(options)
+    }
+
+    /// Puts the tables in `schema`, after checking that it is a plain lowercase name.
+    pub(crate) fn set_schema(&mut self, schema: String) -> Result<(), StoreError> {
+        let mut bytes = schema.bytes();
+        let plain = bytes.next().is_some_and(|b| b.is_ascii_lowercase() || b == b'_')
+            && bytes.all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+            && schema.len() <= MAX_SCHEMA_LEN
+            && !schema.starts_with("pg_");
+        if !plain {
+            return Err(invalid(format!(
+                "postgres schema {schema:?} must be 1 to {MAX_SCHEMA_LEN} lowercase letters, digits and \
+                 underscores, not starting with a digit or pg_"
+            )));
+        }
+        self.schema = Some(schema);
+        Ok(())
+    }
+
+    /// Sets the operation timeout, and the connect timeout unless the URL set one.
+    pub(crate) fn set_timeout(&mut self, timeout: Duration) {
+        self.timeout = timeout.max(Duration::from_millis(1));
+        self.default_connect_timeout();
+    }
+
+    fn default_connect_timeout(&mut self) {
+        if self.pg.get_connect_timeout().is_none_or(|&t| t > self.timeout) {
+            self.pg.connect_timeout(self.timeout);
+        }
+    }
+
+    /// The TLS connector: used only when the URL asked for TLS (otherwise the
+    /// `sslmode` is `disable` and tokio-postgres never calls it). rustls with the
+    /// `ring` provider and the Mozilla roots, set here rather than process-wide so
+    /// that no other crate's provider choice can interfere.
+    pub(crate) fn tls_connector() -> Result<MakeRustlsConnect, StoreError> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let roots = rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| StoreError::unavailable("postgres cannot set up TLS", e))?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        Ok(MakeRustlsConnect::new(config))
+    }
+
+    /// The channel that `pg_notify` and `LISTEN` use: one per schema, so that stores
+    /// in other schemas of the database do not wake each other.
+    pub(crate) fn channel(&self) -> String {
+        match &self.schema {
+            Some(schema) => format!("idemgate.{schema}"),
+            None => "idemgate".to_owned(),
+        }
+    }
+}
+
+fn invalid(message: impl Into<String>) -> StoreError {
+    let message = message.into();
+    StoreError::invalid(message.clone(), message)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn takes_out_its_own_options_and_passes_the_rest() {
+        let o = Options::parse(
+            "postgres://app:secret@db.internal:6543/idem?schema=gw_1&application_name=gw&pool_size=4&timeout_ms=250",
+        )
+        .unwrap();
+        assert_eq!(o.schema.as_deref(), Some("gw_1"));
+        assert_eq!(o.pool_size, 4);
+        assert_eq!(o.timeout, Duration::from_millis(250));
+        assert_eq!(o.pg.get_application_name(), Some("gw"));
+        assert_eq!(o.pg.get_dbname(), Some("idem"));
+        assert_eq!(o.pg.get_user(), Some("app"));
+        assert_eq!(o.pg.get_ports(), [6543]);
+        assert_eq!(o.pg.get_connect_timeout(), Some(&Duration::from_millis(250)));
+        assert_eq!(o.pg.get_ssl_mode(), SslMode::Disable);
+        assert_eq!(o.channel(), "idemgate.gw_1");
+    }
+
+    #[test]
+    fn defaults() {
+        let o = Options::parse("postgresql://postgres@127.0.0.1/test").unwrap();
+        assert_eq!(o.schema, None);
+        assert_eq!(o.pool_size, DEFAULT_POOL_SIZE);
+        assert_eq!(o.timeout, DEFAULT_TIMEOUT);
+        assert_eq!(o.pg.get_application_name(), Some("idemgate"));
+        assert_eq!(o.pg.get_connect_timeout(), Some(&DEFAULT_TIMEOUT));
+        assert_eq!(o.channel(), "idemgate");
+    }
+
+    #[test]
+    fn tls_only_when_required() {
+        for mode in ["require", "verify-ca", "verify-full"] {
+            let o = Options::parse(&format!("postgres://u@h/db?sslmode={mode}")).unwrap();
+            assert_eq!(o.pg.get_ssl_mode(), SslMode::Require, "{mode}");
+        }
+        for mode in ["disable", "prefer"] {
+            let o = Options::parse(&format!("postgres://u@h/db?sslmode={mode}")).unwrap();
+            assert_eq!(o.pg.get_ssl_mode(), SslMode::Disable, "{mode}");
+        }
+        assert!(Options::tls_connector().is_ok());
+    }
+
+    #[test]
+    fn refuses_bad_urls_without_echoing_them() {
+        for url in [
+            "redis://h/db",
+            "h:5432/db",
+            "postgres://u:hunter2@h/db?schema=Bad",
+            "postgres://u:hunter2@h/db?schema=pg_catalog",
+            "postgres://u:hunter2@h/db?schema=1abc",
+            "postgres://u:hunter2@h/db?schema=",
+            "postgres://u:hunter2@h/db?pool_size=0",
+            "postgres://u:hunter2@h/db?timeout_ms=soon",
+            "postgres://u:hunter2@h/db?no_such_option=1",
+            "postgres://u:hunter2@h/db?sslmode=sometimes",
+        ] {
+            let Err(e) = Options::parse(url) else { panic!("{url} parses") };
+            let shown = format!("{e} {:?}", std::error::Error::source(&e).map(ToString::to_string));
+            assert!(!shown.contains("hunter2"), "{url}: {shown}");
+        }
+        let long = "a".repeat(MAX_SCHEMA_LEN + 1);
+        assert!(Options::parse(&format!("postgres://u@h/db?schema={long}")).is_err());
+    }
+
+    #[test]
+    fn a_connect_timeout_in_the_url_is_kept_when_shorter() {
+        let o = Options::parse("postgres://u@h/db?connect_timeout=2").unwrap();
+        assert_eq!(o.pg.get_connect_timeout(), Some(&Duration::from_secs(2)));
+        let o = Options::parse("postgres://u@h/db?connect_timeout=60").unwrap();
+        assert_eq!(o.pg.get_connect_timeout(), Some(&DEFAULT_TIMEOUT));
+    }
+}
