@@ -3,19 +3,25 @@ clean-up that kills every process a test started, whatever its outcome."""
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 from typing import Iterator
 
 import pytest
 
 from helpers import (
+    BACKENDS,
     Gateway,
     MissingBinary,
     Mock,
+    PrivateRedis,
     Proc,
     binary,
     http_client,
+    in_ci,
     parse_listening,
+    probe_backend,
 )
 
 
@@ -123,6 +129,77 @@ def http():
         yield client
 
 
+# --- shared stores ----------------------------------------------------------------
+
+
+def unavailable(message: str) -> None:
+    """A backend the test needs is missing: under CI (``CI`` set) the test fails, as CI
+    never skips a backend test; elsewhere it is skipped with ``message``."""
+    if in_ci():
+        pytest.fail(f"{message} (CI never skips a backend test)", pytrace=False)
+    pytest.skip(message)
+
+
+def backend_url(name: str) -> str:
+    """The URL of the ``name`` backend (a key of ``helpers.BACKENDS``) from its
+    environment variable or default, once its server answers; otherwise the test is
+    skipped, or fails under CI."""
+    label, env, default = BACKENDS[name]
+    url = os.environ.get(env) or default
+    if not url:
+        unavailable(f"{label} not reachable at <no URL: {env} is not set>: run scripts/test to start it")
+    why = probe_backend(name, url)
+    if why:
+        unavailable(f"{label} not reachable at {url}: run scripts/test to start it ({why})")
+    return url
+
+
+@pytest.fixture(params=list(BACKENDS), ids=list(BACKENDS))
+def shared_store(request: pytest.FixtureRequest) -> tuple[str, str]:
+    """``(backend name, store URL)`` for each shared store: Redis, Redis Cluster,
+    PostgreSQL. The URL is passed to ``idemgate serve --store`` as it is."""
+    return request.param, backend_url(request.param)
+
+
+class PrivateRedisFactory:
+    """Starts :class:`PrivateRedis` servers in the test's temporary directory; kills
+    every one of them at the end of the test."""
+
+    def __init__(self, binary_path: str, tmp_path: Path) -> None:
+        self.binary = binary_path
+        self.tmp_path = tmp_path
+        self.started: list[PrivateRedis] = []
+
+    def create(self, persistent: bool = True) -> PrivateRedis:
+        """A server with its port and directory, not started yet."""
+        server = PrivateRedis(self.binary, self.tmp_path / f"redis-{len(self.started) + 1}", persistent)
+        self.started.append(server)
+        return server
+
+    def start(self, persistent: bool = True) -> PrivateRedis:
+        server = self.create(persistent)
+        server.start()
+        return server
+
+    def close(self) -> None:
+        for server in self.started:
+            server.close()
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[PrivateRedisFactory]:
+    """A factory of private ``redis-server`` processes (not the shared test server),
+    for tests that stop and restart the store; needs ``redis-server`` on ``PATH``."""
+    path = shutil.which("redis-server")
+    if path is None:
+        unavailable("redis-server is not installed: this test starts and stops a Redis of its own")
+    factory = PrivateRedisFactory(path, tmp_path)
+    try:
+        yield factory
+    finally:
+        factory.close()
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator[None]:
     """Attaches the logs of the processes a failed test used to its report."""
@@ -135,6 +212,10 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Itera
     if isinstance(factory, Gateways):
         for gateway in factory.started:
             report.sections.append((f"{gateway.proc.name} log", gateway.proc.tail(80)))
+    redis = funcargs.get("private_redis")
+    if isinstance(redis, PrivateRedisFactory):
+        for server in redis.started:
+            report.sections.append((f"private redis-server :{server.port} log", server.tail(40)))
     mock = funcargs.get("mock")
     if isinstance(mock, Mock):
         report.sections.append(("mock-upstream", f"stats: {safe_stats(mock)}\n{mock.proc.tail(20)}"))

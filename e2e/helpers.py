@@ -587,3 +587,209 @@ def write_config(path: Path, text: str) -> Path:
     """Writes a TOML config file for ``--config``; returns its path."""
     path.write_text(text)
     return path
+
+
+# --- shared stores: Redis, Redis Cluster, PostgreSQL ------------------------------
+
+#: The servers of the shared-store tests: (label, environment variable, default URL).
+#: ``scripts/services`` (sourced by ``scripts/test``) starts them and exports the URLs;
+#: the cluster has no default, as a developer's machine runs none by itself.
+BACKENDS: dict[str, tuple[str, str, str | None]] = {
+    "redis": ("Redis", "IDEMGATE_TEST_REDIS_URL", "redis://127.0.0.1:6379"),
+    "redis-cluster": ("Redis Cluster", "IDEMGATE_TEST_REDIS_CLUSTER_URL", None),
+    "postgres": ("PostgreSQL", "IDEMGATE_TEST_DATABASE_URL", "postgres://postgres@127.0.0.1:5432/test"),
+}
+
+#: How long a probe of a backend server may take.
+PROBE_TIMEOUT = 2.0
+
+
+def in_ci() -> bool:
+    """Whether this run is CI's, where a backend that cannot be reached is a failure
+    (the same rule as ``idemgate_testkit::backend::in_ci``)."""
+    value = os.environ.get("CI", "")
+    return value not in ("", "0", "false")
+
+
+def url_hosts(url: str) -> list[tuple[str, int]]:
+    """The ``(host, port)`` pairs of ``scheme://[user[:pass]@]h1:p1[,h2:p2...][/db]``."""
+    rest = url.split("://", 1)[1] if "://" in url else url
+    authority = re.split(r"[/?]", rest, maxsplit=1)[0]
+    hosts = authority.rsplit("@", 1)[-1]
+    out = []
+    for item in hosts.split(","):
+        host, _, port = item.rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"{url!r} names no host:port")
+        out.append((host.strip("[]"), int(port)))
+    return out
+
+
+def resp_command(host: str, port: int, *args: str, timeout: float = PROBE_TIMEOUT) -> bytes:
+    """Sends one Redis command and returns its raw reply (a simple string, an error or
+    a bulk string, without the trailing CRLF)."""
+    payload = f"*{len(args)}\r\n".encode() + b"".join(
+        f"${len(a.encode())}\r\n".encode() + a.encode() + b"\r\n" for a in args
+    )
+    with socket.create_connection((host, port), timeout=timeout) as sock:
+        sock.settimeout(timeout)
+        sock.sendall(payload)
+        data = b""
+        while b"\r\n" not in data:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+        if data.startswith(b"$"):
+            size = int(data.split(b"\r\n", 1)[0][1:])
+            header = len(data.split(b"\r\n", 1)[0]) + 2
+            while size >= 0 and len(data) < header + size + 2:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+            return data[header : header + max(size, 0)]
+        return data.split(b"\r\n", 1)[0]
+
+
+def probe_redis(host: str, port: int) -> str | None:
+    """``None`` when a Redis server answers ``PING`` at ``host:port``, else why not."""
+    try:
+        reply = resp_command(host, port, "PING")
+    except OSError as err:
+        return f"{host}:{port}: {err}"
+    if reply.startswith(b"+PONG") or reply.startswith(b"-NOAUTH"):
+        return None
+    return f"{host}:{port} answered PING with {reply[:80]!r}"
+
+
+def probe_redis_cluster(url: str) -> str | None:
+    """``None`` when every node of ``url`` answers and the cluster is ``ok``."""
+    for host, port in url_hosts(url):
+        why = probe_redis(host, port)
+        if why:
+            return why
+        try:
+            info = resp_command(host, port, "CLUSTER", "INFO")
+        except OSError as err:
+            return f"{host}:{port}: {err}"
+        if b"cluster_state:ok" not in info:
+            return f"{host}:{port} is not in a healthy cluster: {info[:120]!r}"
+    return None
+
+
+def probe_postgres(url: str) -> str | None:
+    """``None`` when a PostgreSQL server at ``url`` accepts a session for its user and
+    database (it asks for a password or says it is ready), else why not."""
+    import struct
+    from urllib.parse import unquote, urlsplit
+
+    parts = urlsplit(url)
+    host, port = parts.hostname or "127.0.0.1", parts.port or 5432
+    user = unquote(parts.username or "postgres")
+    database = unquote(parts.path.lstrip("/")) or user
+    params = f"user\0{user}\0database\0{database}\0\0".encode()
+    startup = struct.pack("!ii", 8 + len(params), 196608) + params
+    def read_message(sock: socket.socket) -> tuple[bytes, bytes]:
+        head = b""
+        while len(head) < 5:
+            chunk = sock.recv(5 - len(head))
+            if not chunk:
+                raise OSError("the server closed the connection")
+            head += chunk
+        kind, size = head[:1], struct.unpack("!i", head[1:])[0]
+        body = b""
+        while len(body) < size - 4:
+            chunk = sock.recv(size - 4 - len(body))
+            if not chunk:
+                raise OSError("the server closed the connection")
+            body += chunk
+        return kind, body
+
+    try:
+        with socket.create_connection((host, port), timeout=PROBE_TIMEOUT) as sock:
+            sock.settimeout(PROBE_TIMEOUT)
+            sock.sendall(startup)
+            while True:
+                kind, body = read_message(sock)
+                if kind == b"R" and struct.unpack("!i", body[:4])[0] != 0:
+                    return None  # it asks for a password: the server is there
+                if kind == b"Z":
+                    sock.sendall(b"X" + struct.pack("!i", 4))
+                    return None
+                if kind == b"E":
+                    fields = {f[:1].decode(): f[1:].decode("utf-8", "replace") for f in body.split(b"\0") if f}
+                    return f"{host}:{port}: {fields.get('M', 'error')}"
+                if kind not in (b"R", b"S", b"K", b"N"):
+                    return f"{host}:{port} answered {kind + body[:40]!r}, not as PostgreSQL"
+    except (OSError, struct.error) as err:
+        return f"{host}:{port}: {err}"
+
+
+def probe_backend(name: str, url: str) -> str | None:
+    """``None`` when the ``name`` backend (a key of :data:`BACKENDS`) answers at ``url``."""
+    try:
+        if name == "redis":
+            (host, port), *_ = url_hosts(url)
+            return probe_redis(host, port)
+        if name == "redis-cluster":
+            return probe_redis_cluster(url)
+        return probe_postgres(url)
+    except ValueError as err:
+        return str(err)
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class PrivateRedis:
+    """A ``redis-server`` of one test, in the foreground (its log is kept), on a fixed
+    port and directory so that it can be killed and started again on the same data.
+
+    ``persistent`` runs it with an append-only file fsynced on every write: a SIGKILL
+    loses nothing, and a restart loads every record back."""
+
+    def __init__(self, binary_path: str, directory: Path, persistent: bool = True) -> None:
+        self.binary = binary_path
+        self.dir = directory
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.persistent = persistent
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}"
+        self.procs: list[Proc] = []
+
+    @property
+    def proc(self) -> Proc | None:
+        return self.procs[-1] if self.procs else None
+
+    def start(self) -> None:
+        argv = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir)]
+        argv += ["--save", "", "--protected-mode", "no", "--daemonize", "no"]
+        if self.persistent:
+            argv += ["--appendonly", "yes", "--appendfsync", "always"]
+        else:
+            argv += ["--appendonly", "no"]
+        proc = Proc(f"redis-server #{len(self.procs) + 1}", argv, env={"PATH": os.environ.get("PATH", "")})
+        self.procs.append(proc)
+        try:
+            proc.wait_for_line("stdout", r"Ready to accept connections", timeout=15)
+            wait_until(lambda: probe_redis("127.0.0.1", self.port) is None, 5, f"redis-server to answer on {self.port}")
+        except AssertionError:
+            proc.kill()
+            raise
+
+    def kill(self) -> None:
+        """SIGKILL: the server is gone at once, its port refuses connections."""
+        if self.proc:
+            self.proc.kill()
+
+    def close(self) -> None:
+        for proc in self.procs:
+            proc.kill()
+
+    def tail(self, n: int = 30) -> str:
+        return "".join(p.tail(n) for p in self.procs)

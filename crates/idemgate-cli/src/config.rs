@@ -219,20 +219,47 @@ pub(crate) struct RawRoute {
 }
 
 /// Where records live.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub(crate) enum StoreUrl {
     /// `memory://`
     Memory,
     /// `sqlite://PATH`
     Sqlite(PathBuf),
+    /// `redis://…`, `rediss://…` or `redis+cluster://h1,h2,…`, as written.
+    Redis(String),
+    /// `postgres://…` or `postgresql://…`, as written.
+    Postgres(String),
 }
 
+/// Shown with any password replaced: URLs reach logs and `check-config` output.
 impl std::fmt::Display for StoreUrl {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::Memory => f.write_str("memory://"),
             Self::Sqlite(p) => write!(f, "sqlite://{}", p.display()),
+            Self::Redis(url) | Self::Postgres(url) => f.write_str(&redact(url)),
         }
+    }
+}
+
+impl std::fmt::Debug for StoreUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "StoreUrl({self})")
+    }
+}
+
+/// `scheme://user:secret@host` → `scheme://user:***@host`.
+fn redact(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else { return url.to_owned() };
+    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    match authority.rsplit_once('@') {
+        Some((userinfo, hosts)) => {
+            let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
+            let masked = if userinfo.contains(':') { format!("{user}:***") } else { user.to_owned() };
+            format!("{scheme}://{masked}@{hosts}{tail}")
+        }
+        None => url.to_owned(),
     }
 }
 
@@ -381,7 +408,20 @@ fn store_url(v: &str) -> Result<StoreUrl, ConfigError> {
         }
         return Ok(StoreUrl::Sqlite(PathBuf::from(path)));
     }
-    Err(ConfigError::new("store", format!("{v:?}: expected sqlite://PATH or memory://")))
+    let scheme = v.split_once("://").map(|(s, _)| s);
+    match scheme {
+        Some("redis" | "rediss" | "redis+cluster") if v.len() > scheme.map_or(0, str::len) + 3 => {
+            Ok(StoreUrl::Redis(v.to_owned()))
+        }
+        Some("postgres" | "postgresql") => Ok(StoreUrl::Postgres(v.to_owned())),
+        _ => Err(ConfigError::new(
+            "store",
+            format!(
+                "{}: expected sqlite://PATH, memory://, redis://HOST:PORT, redis+cluster://H1,H2,... or postgres://...",
+                redact(v)
+            ),
+        )),
+    }
 }
 
 impl RawPolicy {
@@ -672,6 +712,19 @@ mod tests {
             parse("[prices.models]\n\"m\" = { input = -1.0, output = 1.0 }").unwrap_err().field(),
             "prices.models.\"m\".input"
         );
+    }
+
+    #[test]
+    fn store_urls_are_recognised_and_passwords_never_shown() {
+        assert_eq!(store_url("redis://127.0.0.1:6379").unwrap(), StoreUrl::Redis("redis://127.0.0.1:6379".into()));
+        assert!(matches!(store_url("redis+cluster://a:1,b:2").unwrap(), StoreUrl::Redis(_)));
+        let pg = store_url("postgres://app:hunter2@db:5432/idem").unwrap();
+        assert_eq!(pg.to_string(), "postgres://app:***@db:5432/idem");
+        assert!(!format!("{pg:?}").contains("hunter2"));
+        let err = store_url("mysql://app:hunter2@db/x").unwrap_err().to_string();
+        assert!(err.contains("mysql://app:***@db/x") && !err.contains("hunter2"), "{err}");
+        assert_eq!(redact("redis://:pw@h:1/0"), "redis://:***@h:1/0");
+        assert_eq!(redact("redis://h:1"), "redis://h:1");
     }
 
     #[test]
