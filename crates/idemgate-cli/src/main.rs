@@ -1,6 +1,7 @@
 //! `idemgate`: the gateway binary and its operator commands.
 
 mod config;
+mod logbuf;
 mod serve;
 mod stats;
 mod store;

@@ -24,26 +24,27 @@ const SWEEP_BATCH: usize = 1000;
 pub(crate) fn run(args: ConfigArgs) -> anyhow::Result<()> {
     let config = config::load(&args)?;
     // Held until the process ends: dropping it flushes the log lines still queued.
-    let _log = init_logging(config.log_format);
+    let _log = init_logging(config.log_format)?;
     let runtime =
         tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the runtime")?;
     runtime.block_on(serve_until_signal(config))
 }
 
-/// Logs to stderr through a writer thread, so a request never waits on a `write(2)`
-/// of its log line. Should the queue ever fill, lines are dropped rather than
-/// requests slowed.
-fn init_logging(format: LogFormat) -> tracing_appender::non_blocking::WorkerGuard {
+/// Logs to stderr through a batching writer thread (see [`crate::logbuf`]), so a
+/// request never waits on a `write(2)` of its log line. Should stderr block long
+/// enough for the buffer to fill, lines are dropped (and counted) rather than requests
+/// slowed.
+fn init_logging(format: LogFormat) -> anyhow::Result<crate::logbuf::Guard> {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     // Colours only on a terminal: a pipe or a file gets plain `key=value` fields.
     let ansi = std::io::stderr().is_terminal();
-    let (writer, guard) = tracing_appender::non_blocking(std::io::stderr());
+    let (writer, guard) = crate::logbuf::new(std::io::stderr()).context("cannot start the log writer")?;
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer).with_ansi(ansi);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).init(),
     }
-    guard
+    Ok(guard)
 }
 
 fn install_metrics() -> anyhow::Result<PrometheusHandle> {

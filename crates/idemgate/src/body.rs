@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::StreamExt;
+use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use http_body_util::combinators::UnsyncBoxBody;
@@ -22,7 +23,7 @@ pub struct ResponseBody {
 }
 
 enum Kind {
-    Chunks { chunks: VecDeque<Bytes>, remaining: u64 },
+    Chunks { chunks: VecDeque<Bytes>, remaining: u64, trailers: Option<HeaderMap> },
     Live(mpsc::Receiver<Result<Frame<Bytes>, BoxError>>),
     Boxed(UnsyncBoxBody<Bytes, BoxError>),
 }
@@ -33,7 +34,24 @@ impl ResponseBody {
     pub fn from_chunks(chunks: impl IntoIterator<Item = Bytes>) -> Self {
         let chunks: VecDeque<Bytes> = chunks.into_iter().filter(|c| !c.is_empty()).collect();
         let remaining = chunks.iter().map(|c| c.len() as u64).sum();
-        Self { kind: Kind::Chunks { chunks, remaining } }
+        Self { kind: Kind::Chunks { chunks, remaining, trailers: None } }
+    }
+
+    /// The frames of a body read to its end: its data chunks and its trailers, if any.
+    pub(crate) fn buffered(frames: Vec<Frame<Bytes>>) -> Self {
+        let mut data = Vec::with_capacity(frames.len());
+        let mut trailers = None;
+        for frame in frames {
+            match frame.into_data() {
+                Ok(chunk) => data.push(chunk),
+                Err(frame) => trailers = frame.into_trailers().ok(),
+            }
+        }
+        let mut body = Self::from_chunks(data);
+        if let Kind::Chunks { trailers: slot, .. } = &mut body.kind {
+            *slot = trailers;
+        }
+        body
     }
 
     /// A body of one buffer.
@@ -95,13 +113,13 @@ impl Body for ResponseBody {
 
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match &mut self.get_mut().kind {
-            Kind::Chunks { chunks, remaining } => {
-                let next = chunks.pop_front();
-                if let Some(c) = &next {
+            Kind::Chunks { chunks, remaining, trailers } => match chunks.pop_front() {
+                Some(c) => {
                     *remaining -= c.len() as u64;
+                    Poll::Ready(Some(Ok(Frame::data(c))))
                 }
-                Poll::Ready(next.map(|c| Ok(Frame::data(c))))
-            }
+                None => Poll::Ready(trailers.take().map(|t| Ok(Frame::trailers(t)))),
+            },
             Kind::Live(rx) => rx.poll_recv(cx),
             Kind::Boxed(b) => Pin::new(b).poll_frame(cx),
         }
@@ -109,7 +127,7 @@ impl Body for ResponseBody {
 
     fn is_end_stream(&self) -> bool {
         match &self.kind {
-            Kind::Chunks { chunks, .. } => chunks.is_empty(),
+            Kind::Chunks { chunks, trailers, .. } => chunks.is_empty() && trailers.is_none(),
             Kind::Live(_) => false,
             Kind::Boxed(b) => b.is_end_stream(),
         }
@@ -117,7 +135,9 @@ impl Body for ResponseBody {
 
     fn size_hint(&self) -> SizeHint {
         match &self.kind {
-            Kind::Chunks { remaining, .. } => SizeHint::with_exact(*remaining),
+            // Trailers need chunked framing, which a known length would rule out.
+            Kind::Chunks { remaining, trailers: None, .. } => SizeHint::with_exact(*remaining),
+            Kind::Chunks { .. } => SizeHint::default(),
             Kind::Live(_) => SizeHint::default(),
             Kind::Boxed(b) => b.size_hint(),
         }

@@ -123,6 +123,8 @@ pub type ResponseFuture<E> = Pin<Box<dyn Future<Output = Result<Response<Respons
 const HASH_INLINE_LIMIT: usize = 64 * 1024;
 /// Frames buffered between the owner's task and a slow client.
 const LIVE_BUFFER: usize = 16;
+/// Bodies of a declared length up to this are read whole before they are answered.
+const WHOLE_BODY_LIMIT: u64 = 256 * 1024;
 /// How often a failed `complete` is retried before the record is left to its lease.
 const COMPLETE_ATTEMPTS: u32 = 3;
 
@@ -480,9 +482,11 @@ fn replayed(status: StatusCode, stored: Vec<(String, Bytes)>, body: ResponseBody
     res
 }
 
-type Head<E> = Result<(http::response::Parts, mpsc::Receiver<Result<Frame<Bytes>, BoxError>>), E>;
+type Head<E> = Result<(http::response::Parts, ResponseBody), E>;
 
-/// Runs the call as the owner of `lease`, on a task that outlives the caller.
+/// Runs the call as the owner of `lease`: on the request's own task while it waits for
+/// the answer, then (a stream's owner, which reads on, or an owner whose client hung
+/// up) on a task of its own that outlives the caller.
 async fn execute<S, ResBody>(
     shared: Arc<Shared>,
     inner: S,
@@ -497,16 +501,61 @@ where
     ResBody::Error: Into<BoxError>,
 {
     let (head_tx, head_rx) = oneshot::channel::<Head<S::Error>>();
-    tokio::spawn(own(shared.clone(), inner, req, lease, head_tx));
-    match head_rx.await {
-        Ok(Ok((parts, rx))) => {
+    let mut owner = Detached::new(own(shared.clone(), inner, req, lease, head_tx));
+    let head = owner.drive_until(head_rx).await;
+    drop(owner);
+    match head {
+        Ok(Ok((parts, body))) => {
             let outcome = if shared.policy.stores(parts.status) { Outcome::Executed } else { Outcome::Released };
-            (Ok(Response::from_parts(parts, ResponseBody::live(rx))), outcome)
+            (Ok(Response::from_parts(parts, body)), outcome)
         }
         Ok(Err(e)) => (Err(e), Outcome::Released),
-        // The task ended without an answer: it panicked. Its lease was released or
+        // The owner ended without an answer: it panicked. Its lease was released or
         // will run out.
         Err(_) => (Ok(Problem::Internal.into_response()), Outcome::Released),
+    }
+}
+
+/// The owner's future. Driven by the request while the request waits for its answer,
+/// which for a whole body comes when the owner is done: no task, no channel, no
+/// wake-up of another thread. Whatever is left of it when this is dropped (a stream,
+/// which the owner reads on after its head, or the whole call when the client hung up)
+/// is spawned, so the call still runs to its end and is recorded.
+struct Detached(Option<Pin<Box<dyn Future<Output = ()> + Send>>>);
+
+impl Detached {
+    fn new(owner: impl Future<Output = ()> + Send + 'static) -> Self {
+        Self(Some(Box::pin(owner)))
+    }
+
+    /// Polls the owner until `rx` has its answer. A panic in the owner is caught here,
+    /// as a task's would be: the owner is dropped, and `rx` reports it closed.
+    async fn drive_until<T>(&mut self, mut rx: oneshot::Receiver<T>) -> Result<T, oneshot::error::RecvError> {
+        std::future::poll_fn(|cx| {
+            if let Some(owner) = &mut self.0 {
+                match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| owner.as_mut().poll(cx))) {
+                    Ok(Poll::Pending) => {}
+                    Ok(Poll::Ready(())) => self.0 = None,
+                    Err(_) => {
+                        tracing::error!(target: "idemgate::layer", "the owner of a key panicked; its lease will run out");
+                        self.0 = None;
+                    }
+                }
+            }
+            // Once the owner is gone, its sender is too: `rx` is ready either way.
+            Pin::new(&mut rx).poll(cx)
+        })
+        .await
+    }
+}
+
+impl Drop for Detached {
+    fn drop(&mut self) {
+        if let Some(owner) = self.0.take()
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            runtime.spawn(owner);
+        }
     }
 }
 
@@ -515,6 +564,17 @@ fn content_type_is(headers: &HeaderMap, prefix: &str) -> bool {
         .get(http::header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.trim_start().get(..prefix.len()).is_some_and(|p| p.eq_ignore_ascii_case(prefix)))
+}
+
+/// Whether a response is read whole before it is answered: JSON (which a client
+/// cannot use before its end), or any body of a small declared length. Other bodies
+/// (audio, files) go to the client as they arrive.
+fn is_whole(headers: &HeaderMap) -> bool {
+    content_type_is(headers, "application/json")
+        || headers
+            .get(http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+            .is_some_and(|n| n <= WHOLE_BODY_LIMIT)
 }
 
 /// An event stream is recorded event-aware: stored only once it reached its
@@ -553,11 +613,16 @@ async fn own<S, ResBody>(
     // client that has read the whole body finds the record completed.
     let mut client: Option<mpsc::Sender<Result<Frame<Bytes>, BoxError>>> = None;
     let mut log: Option<LogWriter> = None;
+    let mut head_tx = Some(head_tx);
+    // A whole body's head, sent once the record is settled.
+    let mut whole: Option<(http::response::Parts, ResponseBody)> = None;
     let work = async {
         let res = match inner.oneshot(req).await {
             Ok(res) => res,
             Err(e) => {
-                let _ = head_tx.send(Err(e));
+                if let Some(tx) = head_tx.take() {
+                    let _ = tx.send(Err(e));
+                }
                 return Settle::Release;
             }
         };
@@ -577,14 +642,47 @@ async fn own<S, ResBody>(
             false => Recording::body(content_type_is(&parts.headers, "application/json")),
         });
         parts.headers.insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("false"));
-        let (tx, rx) = mpsc::channel(LIVE_BUFFER);
         let status = parts.status.as_u16();
-        if head_tx.send(Ok((parts, rx))).is_ok() {
-            client = Some(tx);
-        }
         // Errors become `BoxError` inside `poll_frame`, so no `ResBody::Error` (which
         // need not be `Send`) is held across an await.
         let mut body = pin!(body.map_err(Into::<BoxError>::into));
+        if keep && !stream && is_whole(&parts.headers) {
+            // Read it all, then answer: the record is settled before the client sees a
+            // byte, and the answer needs neither a task nor a channel.
+            let mut frames = Vec::new();
+            let error = loop {
+                match body.frame().await {
+                    None => break None,
+                    Some(Ok(frame)) => {
+                        if let (Some(rec), Some(data)) = (&mut recording, frame.data_ref()) {
+                            rec.push(data);
+                        }
+                        frames.push(frame);
+                    }
+                    Some(Err(e)) => {
+                        tracing::warn!(target: "idemgate::upstream", error = %e, "response body failed; releasing the key");
+                        break Some(e);
+                    }
+                }
+            };
+            let clean = error.is_none();
+            whole = Some(match error {
+                None => (parts, ResponseBody::buffered(frames)),
+                // Nothing has reached the client yet: say what happened, rather than
+                // send a head whose body then breaks.
+                Some(_) => Problem::UpstreamBodyFailed.into_response().into_parts(),
+            });
+            return match recording.and_then(|r| r.finish(status, headers, clean)) {
+                Some(response) => Settle::Complete(response),
+                None => Settle::Release,
+            };
+        }
+        let (tx, rx) = mpsc::channel(LIVE_BUFFER);
+        if let Some(head) = head_tx.take()
+            && head.send(Ok((parts, ResponseBody::live(rx)))).is_ok()
+        {
+            client = Some(tx);
+        }
         let clean = loop {
             match body.frame().await {
                 None => break true,
@@ -668,6 +766,9 @@ async fn own<S, ResBody>(
     }
     shared.flights.remove(&lease.key, &flight);
     drop(client);
+    if let (Some(tx), Some(head)) = (head_tx, whole) {
+        let _ = tx.send(Ok(head));
+    }
 }
 
 /// Whether the key is completed, which after a failed `complete` most likely means

@@ -25,6 +25,7 @@ pub(crate) enum Problem {
     Mismatch,
     InFlight { retry_after: Duration },
     StoreUnavailable,
+    UpstreamBodyFailed,
     Internal,
 }
 
@@ -36,6 +37,7 @@ impl Problem {
             Self::Mismatch => StatusCode::UNPROCESSABLE_ENTITY,
             Self::InFlight { .. } => StatusCode::CONFLICT,
             Self::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            Self::UpstreamBodyFailed => StatusCode::BAD_GATEWAY,
             Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -50,6 +52,7 @@ impl Problem {
             Self::Mismatch => "idempotency-key-mismatch",
             Self::InFlight { .. } => "idempotency-key-in-use",
             Self::StoreUnavailable => "idempotency-store-unavailable",
+            Self::UpstreamBodyFailed => "upstream-body-failed",
             Self::Internal => "idempotency-internal-error",
         }
     }
@@ -63,6 +66,7 @@ impl Problem {
             Self::Mismatch => "The Idempotency-Key was already used for a different request",
             Self::InFlight { .. } => "A request with this Idempotency-Key is still in progress",
             Self::StoreUnavailable => "The idempotency store is unavailable",
+            Self::UpstreamBodyFailed => "The upstream's response broke off",
             Self::Internal => "The idempotency layer failed",
         }
     }
@@ -80,6 +84,9 @@ impl Problem {
                 "retry after the delay in Retry-After; the original's result will be replayed".into()
             }
             Self::StoreUnavailable => "nothing was forwarded; retry later".into(),
+            Self::UpstreamBodyFailed => {
+                "the response body failed before its end; nothing was stored; retry with the same key".into()
+            }
             Self::Internal => "nothing was stored; retry with the same key".into(),
         }
     }
@@ -87,7 +94,14 @@ impl Problem {
     /// Whether the client should retry the same request unchanged (`x-should-retry`,
     /// which the Stainless SDKs obey).
     fn should_retry(&self) -> bool {
-        matches!(self, Self::InFlight { .. } | Self::StoreUnavailable | Self::Internal | Self::BodyUnreadable)
+        matches!(
+            self,
+            Self::InFlight { .. }
+                | Self::StoreUnavailable
+                | Self::UpstreamBodyFailed
+                | Self::Internal
+                | Self::BodyUnreadable
+        )
     }
 
     pub(crate) fn into_response(self) -> Response<ResponseBody> {

@@ -11,6 +11,7 @@
 //! share.
 
 use serde_json::Value;
+use serde_json::value::RawValue;
 
 /// The tokens one call consumed.
 ///
@@ -67,25 +68,64 @@ impl Usage {
 /// Returns `None` when the body is not a JSON object or its `usage` is missing, null or
 /// not an object.
 pub fn from_json_body(body: &[u8]) -> Option<(Usage, Option<String>)> {
-    let v: Value = serde_json::from_slice(body).ok()?;
-    let u = v.get("usage")?;
-    let usage = if u.get("prompt_tokens").is_some() || u.get("completion_tokens").is_some() {
-        chat(u)?
-    } else if v.get("object").and_then(Value::as_str) == Some("response")
+    // Only an object has a `usage`; this also keeps serde from reading an array as the
+    // struct's fields in order.
+    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return None;
+    }
+    match serde_json::from_slice::<Top<'_>>(body) {
+        Ok(top) => {
+            let u: Value = serde_json::from_str(top.usage?.get()).ok()?;
+            let usage = classify(&u, string(top.object).as_deref(), string(top.kind).as_deref())?;
+            Some((usage, string(top.model)))
+        }
+        // A duplicate field, which the struct refuses and `Value` takes the last of.
+        Err(_) => {
+            let v: Value = serde_json::from_slice(body).ok()?;
+            let str_at = |key| v.get(key).and_then(Value::as_str);
+            let usage = classify(v.get("usage")?, str_at("object"), str_at("type"))?;
+            Some((usage, str_at("model").map(str::to_owned)))
+        }
+    }
+}
+
+/// The top-level fields [`from_json_body`] reads. Everything else, the generated text
+/// included, is skipped without building a tree: a tenth of the work of parsing the
+/// whole body into a `Value`.
+#[derive(serde::Deserialize)]
+struct Top<'a> {
+    #[serde(borrow, default)]
+    usage: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    model: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    object: Option<&'a RawValue>,
+    #[serde(borrow, default, rename = "type")]
+    kind: Option<&'a RawValue>,
+}
+
+/// The string a raw JSON value holds; `None` for any other value.
+fn string(raw: Option<&RawValue>) -> Option<String> {
+    raw.filter(|r| r.get().starts_with('"')).and_then(|r| serde_json::from_str(r.get()).ok())
+}
+
+/// Reads `usage` by the API its fields (and the body's `object` and `type`) reveal.
+fn classify(u: &Value, object: Option<&str>, kind: Option<&str>) -> Option<Usage> {
+    if u.get("prompt_tokens").is_some() || u.get("completion_tokens").is_some() {
+        chat(u)
+    } else if object == Some("response")
         || u.get("input_tokens_details").is_some()
         || u.get("output_tokens_details").is_some()
     {
-        responses(u)?
-    } else if v.get("type").and_then(Value::as_str) == Some("message")
+        responses(u)
+    } else if kind == Some("message")
         || u.get("cache_read_input_tokens").is_some()
         || u.get("cache_creation_input_tokens").is_some()
     {
-        anthropic(u)?
+        anthropic(u)
     } else {
-        responses(u)?
-    };
-    let model = v.get("model").and_then(Value::as_str).map(str::to_owned);
-    Some((usage, model))
+        responses(u)
+    }
 }
 
 /// A counter at `path` below `v`, 0 when missing or not a non-negative integer.
@@ -318,6 +358,32 @@ mod tests {
         assert_eq!(from_json_body(br#"{"model":"m"}"#), None);
         assert_eq!(from_json_body(br#"{"model":"m","usage":null}"#), None);
         assert_eq!(from_json_body(br#"{"error":{"message":"nope"}}"#), None);
+    }
+
+    /// The skipping parser reads what parsing the whole body into a `Value` reads.
+    #[test]
+    fn skipping_parse_agrees_with_the_whole_tree() {
+        let whole = |body: &[u8]| {
+            let v: Value = serde_json::from_slice(body).ok()?;
+            let str_at = |key| v.get(key).and_then(Value::as_str);
+            let usage = classify(v.get("usage")?, str_at("object"), str_at("type"))?;
+            Some((usage, str_at("model").map(str::to_owned)))
+        };
+        let bodies: [&[u8]; 9] = [
+            br#"{"model":"gpt-\u00e9","usage":{"prompt_tokens":1}}"#,
+            br#"{"model":7,"usage":{"prompt_tokens":1}}"#,
+            br#"{"model":null,"object":"response","usage":{"input_tokens":3}}"#,
+            br#"  {"type":"message","usage":{"input_tokens":2,"cache_read_input_tokens":5}}"#,
+            br#"{"usage":{"prompt_tokens":1},"usage":{"prompt_tokens":2}}"#,
+            br#"{"usage":{"prompt_tokens":1},"model":"a","model":"b"}"#,
+            br#"{"usage":{"prompt_tokens":1}} trailing"#,
+            br#"{"usage":{"prompt_tokens":1},"choices":[{"message":{"content":"\"}"}}]}"#,
+            br#"{"usage":"none"}"#,
+        ];
+        for body in bodies {
+            assert_eq!(from_json_body(body), whole(body), "{}", String::from_utf8_lossy(body));
+        }
+        assert_eq!(from_json_body(bodies[4]).unwrap().0.input, 2, "the last duplicate wins, as in a Value");
     }
 
     #[test]

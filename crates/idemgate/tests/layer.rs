@@ -22,7 +22,7 @@ use tower::{Layer, Service, ServiceExt, service_fn};
 /// An inner service that counts calls. Each answer carries the call number, so two
 /// executions never produce the same bytes. Headers steer it: `x-status` (the status
 /// to answer), `x-delay-ms` (how long to think), `x-fail-first` (answer 500 to the
-/// first N calls).
+/// first N calls), `x-panic-first` (panic in the first call).
 #[derive(Clone, Default)]
 struct Upstream {
     calls: Arc<AtomicUsize>,
@@ -57,6 +57,7 @@ impl Upstream {
                 if (n as u64) <= fail_first {
                     status = 500;
                 }
+                assert!(n > 1 || req.headers().get("x-panic-first").is_none(), "the upstream service panicked");
                 let body = req.into_body().collect().await.unwrap().to_bytes();
                 if let Some(ms) = delay {
                     tokio::time::sleep(Duration::from_millis(ms)).await;
@@ -289,6 +290,25 @@ async fn dropped_response_future_still_completes_and_is_replayed() {
     let later = send(&svc, req("hangup", BODY)).await;
     assert_eq!(later.body, retry.body);
     assert_eq!(upstream.calls(), 1);
+}
+
+#[tokio::test]
+async fn a_panic_in_the_call_is_a_500_and_the_key_is_not_stored() {
+    let policy = Policy::default().with_lease(Duration::from_millis(200)).with_max_wait(Duration::ZERO);
+    let (svc, upstream) = setup(policy);
+    let mut r = req("boom", BODY);
+    r.headers_mut().insert("x-panic-first", "1".parse().unwrap());
+    let first = send(&svc, r).await;
+    assert_eq!(first.status, 500);
+    assert!(problem_type(&first).ends_with("/idempotency-internal-error"));
+    assert_eq!(first.headers["x-should-retry"], "true");
+    // The claim is left to its lease, as a crashed process's would be; after it, the
+    // retry executes.
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    let retry = send(&svc, req("boom", BODY)).await;
+    assert_eq!(retry.status, 200);
+    assert_eq!(replayed(&retry), "false");
+    assert_eq!(upstream.calls(), 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
