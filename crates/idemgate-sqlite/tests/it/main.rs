@@ -29,7 +29,19 @@ mod in_memory {
     });
 }
 
-/// The conformance suite on the system clock, as the gateway runs it.
+/// The conformance suite on a file and the system clock, as the gateway runs it.
+mod file_real_time {
+    use idemgate_sqlite::SqliteStore;
+    use idemgate_testkit::Fixture;
+
+    idemgate_testkit::store_suite!(real_time, |_clock| async {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let store = SqliteStore::open(dir.path().join("store.db")).expect("the store opens");
+        Fixture::new(store).with_guard(dir)
+    });
+}
+
+/// The conformance suite in memory on the system clock.
 mod real_time {
     use idemgate_sqlite::SqliteStore;
 

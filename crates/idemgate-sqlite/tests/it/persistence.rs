@@ -49,6 +49,36 @@ fn records_survive_closing_and_reopening_the_file() {
     });
 }
 
+/// What another process writes to the file (here a second store on it, as `idemgate
+/// purge` would be) is what the next claim sees: no stale replay, no stale lease.
+#[test]
+fn claims_read_what_another_process_wrote() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let path = dir.path().join("store.db");
+    let clock = ManualClock::new(START);
+    runtime().block_on(async {
+        let a = SqliteStore::builder().with_clock(clock.clone()).open(&path).expect("the store opens");
+        let b = SqliteStore::builder().with_clock(clock.clone()).open(&path).expect("a second store opens");
+        let Claim::Acquired(lease) = a.claim(&key(1), &fp(1), LEASE).await.expect("claim") else {
+            panic!("a fresh key is acquired")
+        };
+        assert!(matches!(b.claim(&key(1), &fp(1), LEASE).await.expect("claim"), Claim::InFlight { .. }));
+        assert!(matches!(b.claim(&key(1), &fp(2), LEASE).await.expect("claim"), Claim::Mismatch));
+        a.complete(&lease, &sample_response(START), TTL).await.expect("complete");
+        assert!(matches!(b.claim(&key(1), &fp(1), LEASE).await.expect("claim"), Claim::Completed(_)));
+        assert!(b.purge(&key(1)).await.expect("purge"));
+        // Purged by `b`: `a` must not replay it, but execute again.
+        assert!(matches!(a.claim(&key(1), &fp(1), LEASE).await.expect("claim"), Claim::Acquired(_)));
+        // Expiry is read on the reader too: past the TTL a completed key is free again.
+        let Claim::Acquired(lease) = a.claim(&key(2), &fp(2), LEASE).await.expect("claim") else {
+            panic!("a fresh key is acquired")
+        };
+        a.complete(&lease, &sample_response(START), TTL).await.expect("complete");
+        clock.advance(TTL);
+        assert!(matches!(b.claim(&key(2), &fp(2), LEASE).await.expect("claim"), Claim::Acquired(_)));
+    });
+}
+
 #[test]
 fn a_file_from_a_newer_version_is_refused() {
     let dir = tempfile::tempdir().expect("a temporary directory");
