@@ -72,7 +72,10 @@
 //! One writer thread owns the write connection and commits in groups (see
 //! `writer.rs`): it blocks for the first operation, takes up to 255 more that are
 //! queued, runs each in its own savepoint inside one `BEGIN IMMEDIATE` transaction,
-//! commits, and only then answers and wakes waiters. Claims run the shared
+//! commits, and only then answers and wakes waiters. It never checkpoints: a second
+//! thread with its own connection runs a `PASSIVE` checkpoint every 100 ms, so no
+//! commit (and no claim queued behind it) waits for pages to be copied into the file
+//! and synced. Claims run the shared
 //! [`idemgate::store::decide`] between reading and writing the row. Reads (`get`,
 //! `ping`) go through the same thread: they see every committed write, in order, and
 //! the hot path is a write anyway.
@@ -100,7 +103,7 @@ use idemgate::{
 use rusqlite::Connection;
 
 use self::records::Completion;
-use self::writer::{Task, Writer};
+use self::writer::{Checkpointer, Task, Writer};
 
 /// The schema version this build reads and writes (in `idemgate_meta`).
 pub const SCHEMA_VERSION: u32 = schema::SCHEMA_VERSION;
@@ -118,7 +121,9 @@ pub struct SqliteStore {
 }
 
 struct Inner {
-    // Declared first so that it drops (and joins the thread) first.
+    // Stopped first: the writer's close then checkpoints whatever is left.
+    _checkpointer: Option<Checkpointer>,
+    // Dropped next: it finishes the queued operations and closes the file.
     writer: Writer,
     notifier: Arc<Notifier>,
     path: Option<PathBuf>,
@@ -158,9 +163,13 @@ impl SqliteStore {
     }
 
     fn start(conn: Connection, clock: Arc<dyn Clock>, path: Option<PathBuf>) -> Result<Self, StoreError> {
+        let checkpointer = match &path {
+            Some(path) => Some(Checkpointer::spawn(schema::open_checkpointer(path)?, path.display().to_string())?),
+            None => None,
+        };
         let notifier = Arc::new(Notifier::new());
         let writer = Writer::spawn(conn, clock, Arc::clone(&notifier))?;
-        Ok(Self { inner: Arc::new(Inner { writer, notifier, path }) })
+        Ok(Self { inner: Arc::new(Inner { _checkpointer: checkpointer, writer, notifier, path }) })
     }
 
     /// Runs `op` on the writer thread, waking the waiters of `wake` once it has

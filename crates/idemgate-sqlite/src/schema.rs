@@ -80,6 +80,19 @@ pub(crate) fn open(path: Option<&Path>) -> Result<Connection, StoreError> {
     Ok(conn)
 }
 
+/// Opens the connection that checkpoints the file at `path` (already opened, in WAL
+/// mode, by [`open`]).
+pub(crate) fn open_checkpointer(path: &Path) -> Result<Connection, StoreError> {
+    let name = path.display().to_string();
+    let conn = Connection::open(path)
+        .map_err(|e| StoreError::unavailable(format!("sqlite cannot open {name} to checkpoint it"), e))?;
+    conn.busy_timeout(BUSY_TIMEOUT).map_err(sqlite_error(format!("sqlite cannot set busy_timeout on {name}")))?;
+    // The same durability as the writer's: a checkpoint syncs the WAL, then the file.
+    conn.pragma_update(None, "synchronous", "NORMAL")
+        .map_err(sqlite_error(format!("sqlite cannot set synchronous on {name}")))?;
+    Ok(conn)
+}
+
 fn configure(conn: &Connection, name: &str, file: bool) -> Result<(), StoreError> {
     // The busy timeout first: switching to WAL needs a lock another process may hold.
     conn.busy_timeout(BUSY_TIMEOUT).map_err(sqlite_error(format!("sqlite cannot set busy_timeout on {name}")))?;
@@ -97,7 +110,13 @@ fn configure(conn: &Connection, name: &str, file: bool) -> Result<(), StoreError
     // survives the process crashing, and a power loss can roll back the last few
     // commits but never corrupts the file. Process crashes are what we defend against.
     conn.pragma_update(None, "synchronous", "NORMAL")
-        .map_err(sqlite_error(format!("sqlite cannot set synchronous on {name}")))
+        .map_err(sqlite_error(format!("sqlite cannot set synchronous on {name}")))?;
+    // The checkpointer thread checkpoints; commits on this connection never do. The
+    // WAL is truncated back to this size after a checkpoint that emptied it.
+    conn.pragma_update(None, "wal_autocheckpoint", 0)
+        .map_err(sqlite_error(format!("sqlite cannot set wal_autocheckpoint on {name}")))?;
+    conn.pragma_update(None, "journal_size_limit", 64 * 1024 * 1024)
+        .map_err(sqlite_error(format!("sqlite cannot set journal_size_limit on {name}")))
 }
 
 fn migrate(conn: &mut Connection, name: &str) -> Result<(), StoreError> {

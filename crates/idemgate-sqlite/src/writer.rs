@@ -10,8 +10,9 @@
 //! write cannot interleave with another claim's.
 
 use std::sync::Arc;
-use std::sync::mpsc::{Receiver, Sender, channel};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, channel};
 use std::thread::{self, JoinHandle};
+use std::time::Duration;
 
 use idemgate::store::Notifier;
 use idemgate::{Clock, StorageKey, StoreError, Timestamp};
@@ -192,4 +193,58 @@ fn execute(conn: &mut Connection, batch: &mut [Box<dyn Job>], clock: &dyn Clock)
         }
     }
     tx.commit().map_err(Failure::new("sqlite commit failed"))
+}
+
+/// How often the checkpointer copies committed WAL frames into the database file.
+pub(crate) const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
+
+/// The checkpointer thread. The writer's connection never checkpoints
+/// (`wal_autocheckpoint = 0`): a checkpoint copies pages into the file and syncs it,
+/// milliseconds during which the batch that triggered it, and every claim queued
+/// behind it, would wait. Here a second connection runs `PASSIVE` checkpoints, which
+/// never block the writer, every [`CHECKPOINT_EVERY`].
+pub(crate) struct Checkpointer {
+    stop: Option<Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Checkpointer {
+    /// Starts the thread, which owns `conn` (a connection to the same file).
+    pub(crate) fn spawn(conn: Connection, name: String) -> Result<Self, StoreError> {
+        let (stop, rx) = channel();
+        let thread = thread::Builder::new()
+            .name("idemgate-sqlite-ckpt".into())
+            .spawn(move || checkpoint_loop(&conn, &rx, &name))
+            .map_err(|e| StoreError::unavailable("sqlite cannot start its checkpoint thread", e))?;
+        Ok(Self { stop: Some(stop), thread: Some(thread) })
+    }
+}
+
+impl Drop for Checkpointer {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn checkpoint_loop(conn: &Connection, stop: &Receiver<()>, name: &str) {
+    let mut failing = false;
+    while let Err(RecvTimeoutError::Timeout) = stop.recv_timeout(CHECKPOINT_EVERY) {
+        match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |row| row.get::<_, i64>(0)) {
+            Ok(_) if failing => {
+                failing = false;
+                tracing::info!(target: "idemgate::store", file = name, "sqlite checkpoints work again");
+            }
+            Ok(_) => {}
+            // Logged once per run of failures: the WAL keeps every commit meanwhile,
+            // and the next success (or the close) copies it all.
+            Err(e) if !failing => {
+                failing = true;
+                tracing::warn!(target: "idemgate::store", file = name, error = %e, "sqlite checkpoint failed; the WAL grows until one succeeds");
+            }
+            Err(_) => {}
+        }
+    }
 }

@@ -79,6 +79,29 @@ fn claims_read_what_another_process_wrote() {
     });
 }
 
+/// Commits go to the WAL and a checkpointer thread copies them into the file, so the
+/// file grows while the store is open, without waiting for the close.
+#[test]
+fn the_wal_is_checkpointed_while_the_store_runs() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let path = dir.path().join("store.db");
+    runtime().block_on(async {
+        let store = SqliteStore::open(&path).expect("the store opens");
+        let before = std::fs::metadata(&path).expect("the file").len();
+        for i in 0..200 {
+            let Claim::Acquired(lease) = store.claim(&key(i), &fp(i), LEASE).await.expect("claim") else {
+                panic!("a fresh key is acquired")
+            };
+            store.complete(&lease, &sample_response(START), TTL).await.expect("complete");
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::fs::metadata(&path).expect("the file").len() <= before {
+            assert!(std::time::Instant::now() < deadline, "nothing was checkpointed into {}", path.display());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
+}
+
 #[test]
 fn a_file_from_a_newer_version_is_refused() {
     let dir = tempfile::tempdir().expect("a temporary directory");
