@@ -58,9 +58,13 @@ impl Recording {
                 s.tracker.observe(&event);
             }
         }
+        // A copy, not a clone: a chunk is a slice of the connection's read buffer, and
+        // holding it would pin that whole buffer (8 KiB and up, for a chunk of a few
+        // hundred bytes) for as long as the record lives.
+        let kept = Bytes::copy_from_slice(chunk);
         match &self.flight {
-            Some(flight) => flight.push(chunk.clone()),
-            None => self.chunks.push(chunk.clone()),
+            Some(flight) => flight.push(kept),
+            None => self.chunks.push(kept),
         }
     }
 

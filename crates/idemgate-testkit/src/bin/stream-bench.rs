@@ -503,7 +503,10 @@ async fn hold(args: &Args) -> Result<String, String> {
         let _ = writeln!(std::io::stderr(), "stream-bench hold: {} streams failed, the first: {e}", streams - ok);
     }
 
-    // After: the last sample once the process had `settle` to give memory back.
+    // After: the last sample once the clients have hung up (their idle keep-alive
+    // connections closed, as a client's pool does) and the process had `settle` to
+    // give memory back.
+    drop(client);
     tokio::time::sleep(settle).await;
     let (after, hwm) = memory_kb(pid)?;
 
@@ -511,7 +514,8 @@ async fn hold(args: &Args) -> Result<String, String> {
     if !args.flag("--no-header") {
         out += &format!(
             "Memory: {streams} concurrent streamed requests ({chunks} events, {delay} ms apart, fresh keys, all \
-             started at once); RSS sampled every 100 ms, \"after\" {} s after the last stream ended\n\n\
+             started at once); RSS sampled every 100 ms, \"after\" {} s after the last stream ended and the client \
+             closed its connections\n\n\
              | gateway | streams | peak open | ok | RSS idle MB | RSS peak MB | RSS after MB | VmHWM MB | wall s |\n\
              |---|---|---|---|---|---|---|---|---|\n",
             settle.as_secs()
