@@ -109,3 +109,21 @@ impl Recording {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A recorded chunk must not keep the buffer it was sliced from alive.
+    #[test]
+    fn recorded_chunks_do_not_pin_the_read_buffer() {
+        let buffer = Bytes::from(vec![b'x'; 64 * 1024]);
+        let chunk = buffer.slice(100..400);
+        let mut rec = Recording::body(false);
+        rec.push(&chunk);
+        let stored = rec.finish(200, Vec::new(), true).expect("a clean body is stored");
+        assert_eq!(stored.chunks, vec![chunk.clone()]);
+        let range = buffer.as_ptr_range();
+        assert!(!range.contains(&stored.chunks[0].as_ptr()), "the stored chunk is a slice of the read buffer");
+    }
+}
