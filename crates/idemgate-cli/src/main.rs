@@ -5,6 +5,7 @@ mod logbuf;
 mod serve;
 mod stats;
 mod store;
+mod trim;
 
 use std::io::Write;
 use std::process::ExitCode;

@@ -97,12 +97,13 @@ async fn serve_until_signal(config: Config) -> anyhow::Result<()> {
     ));
     let upkeep = tokio::spawn(upkeep(metrics, stopped(stop_rx.clone())));
     let sweeper = tokio::spawn(sweep(store, config.sweep_interval, stopped(stop_rx.clone())));
+    let trimmer = tokio::spawn(crate::trim::after_bursts(stopped(stop_rx.clone())));
     let proxy_task = tokio::spawn(serve(listener, proxy, stopped(stop_rx)));
 
     shutdown_signal().await;
     tracing::info!("shutting down: no new connections; waiting for open ones");
     let _ = stop_tx.send(true);
-    let _ = tokio::join!(proxy_task, admin_task, upkeep, sweeper);
+    let _ = tokio::join!(proxy_task, admin_task, upkeep, sweeper, trimmer);
     tracing::info!("stopped");
     Ok(())
 }
