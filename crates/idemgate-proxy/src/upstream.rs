@@ -86,7 +86,10 @@ impl UpstreamClient {
             .wrap_connector(http);
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(60))
-            .pool_max_idle_per_host(256)
+            // Enough to reuse connections under steady load; after a burst of
+            // hundreds of streams the rest close rather than hold their buffers
+            // (some 30 KiB each) for the idle timeout.
+            .pool_max_idle_per_host(32)
             .build(https);
         Ok(Self { client, timeouts })
     }
