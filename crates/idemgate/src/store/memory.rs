@@ -18,7 +18,7 @@ use crate::fingerprint::Fingerprint;
 use crate::record::{Record, RecordState, StoredResponse, Token};
 use crate::scope::StorageKey;
 
-/// A store in a `HashMap` behind a mutex.
+/// A store in `HashMap`s behind mutexes, one per shard of the keys.
 ///
 /// # Behavior
 ///
@@ -30,7 +30,9 @@ use crate::scope::StorageKey;
 /// - Live logs: none by default (one process fans streams out in memory);
 ///   [`MemoryStore::with_live_logs`] keeps them, for tests of several layers on one store.
 pub struct MemoryStore {
-    records: Mutex<HashMap<StorageKey, Record>>,
+    /// Sharded so that growing a map (a rehash that moves every record in it) holds up
+    /// the keys of one shard, for a fraction of the time, instead of every request.
+    shards: Box<[Mutex<HashMap<StorageKey, Record>>]>,
     /// Live logs, only when enabled with [`MemoryStore::with_live_logs`].
     live: Option<Mutex<HashMap<StorageKey, Log>>>,
     notifier: Notifier,
@@ -55,14 +57,16 @@ impl Default for MemoryStore {
 
 impl std::fmt::Debug for MemoryStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("MemoryStore").field("records", &self.lock().len()).finish_non_exhaustive()
+        let records: usize = self.shards.iter().map(|s| lock(s).len()).sum();
+        f.debug_struct("MemoryStore").field("records", &records).finish_non_exhaustive()
     }
 }
 
 impl MemoryStore {
     /// An empty store on the system clock.
     pub fn new() -> Self {
-        Self { records: Mutex::default(), live: None, notifier: Notifier::new(), clock: Arc::new(SystemClock) }
+        let shards = (0..SHARDS).map(|_| Mutex::default()).collect();
+        Self { shards, live: None, notifier: Notifier::new(), clock: Arc::new(SystemClock) }
     }
 
     /// Keeps live logs of streams, as a store shared by several gateway processes does.
@@ -80,7 +84,7 @@ impl MemoryStore {
 
     /// Whether `lease` still owns its record.
     fn owns(&self, lease: &Lease) -> bool {
-        self.lock()
+        self.lock(&lease.key)
             .get(&lease.key)
             .is_some_and(|r| matches!(r.state, RecordState::InFlight { token, .. } if token == lease.token))
     }
@@ -91,15 +95,15 @@ impl MemoryStore {
         self
     }
 
-    fn lock(&self) -> MutexGuard<'_, HashMap<StorageKey, Record>> {
-        // A panic while holding the lock cannot leave a record half-written: every
-        // update below is a single insert or remove.
-        self.records.lock().unwrap_or_else(PoisonError::into_inner)
+    /// The shard of `key`. Storage keys are hashes already: their first byte spreads
+    /// them evenly.
+    fn lock(&self, key: &StorageKey) -> MutexGuard<'_, HashMap<StorageKey, Record>> {
+        lock(&self.shards[usize::from(key.as_bytes()[0]) % SHARDS])
     }
 
     fn claim_now(&self, key: &StorageKey, fp: &Fingerprint, lease: Duration) -> Claim {
         let now = self.clock.now();
-        let mut records = self.lock();
+        let mut records = self.lock(key);
         let existing = records.get(key);
         match decide(existing.map(existing_of), fp, now) {
             Decision::Acquire { replaces } => {
@@ -125,12 +129,21 @@ impl MemoryStore {
 
     /// Runs `f` on the record if `lease` still owns it.
     fn fenced<T>(&self, lease: &Lease, f: impl FnOnce(&mut Record) -> T) -> Result<T, StoreError> {
-        let mut records = self.lock();
+        let mut records = self.lock(&lease.key);
         match records.get_mut(&lease.key) {
             Some(r) if matches!(r.state, RecordState::InFlight { token, .. } if token == lease.token) => Ok(f(r)),
             _ => Err(StoreError::lease_lost()),
         }
     }
+}
+
+/// How many maps the records are spread over.
+const SHARDS: usize = 32;
+
+fn lock(shard: &Mutex<HashMap<StorageKey, Record>>) -> MutexGuard<'_, HashMap<StorageKey, Record>> {
+    // A panic while holding the lock cannot leave a record half-written: every update
+    // is a single insert or remove.
+    shard.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 fn existing_of(r: &Record) -> Existing {
@@ -186,7 +199,7 @@ impl Store for MemoryStore {
     fn release<'a>(&'a self, lease: &'a Lease) -> BoxFuture<'a, Result<(), StoreError>> {
         // Check and remove under one lock: a takeover in between must not be deleted.
         let res = {
-            let mut records = self.lock();
+            let mut records = self.lock(&lease.key);
             match records.get(&lease.key) {
                 Some(r) if matches!(r.state, RecordState::InFlight { token, .. } if token == lease.token) => {
                     records.remove(&lease.key);
@@ -202,11 +215,11 @@ impl Store for MemoryStore {
     }
 
     fn get<'a>(&'a self, key: &'a StorageKey) -> BoxFuture<'a, Result<Option<Record>, StoreError>> {
-        ready(Ok(self.lock().get(key).cloned())).boxed()
+        ready(Ok(self.lock(key).get(key).cloned())).boxed()
     }
 
     fn purge<'a>(&'a self, key: &'a StorageKey) -> BoxFuture<'a, Result<bool, StoreError>> {
-        let existed = self.lock().remove(key).is_some();
+        let existed = self.lock(key).remove(key).is_some();
         if let Some(mut logs) = self.logs() {
             logs.remove(key);
         }
@@ -218,25 +231,32 @@ impl Store for MemoryStore {
 
     fn sweep(&self, limit: usize) -> BoxFuture<'_, Result<usize, StoreError>> {
         let now = self.clock.now();
-        let mut records = self.lock();
-        let expired: Vec<StorageKey> = records
-            .values()
-            .filter(|r| match &r.state {
-                RecordState::Completed { expires_at, .. } => *expires_at <= now,
-                RecordState::InFlight { lease_until, .. } => *lease_until + STALE_IN_FLIGHT_GRACE <= now,
-            })
-            .map(|r| r.key)
-            .take(limit)
-            .collect();
-        for key in &expired {
-            records.remove(key);
+        let mut swept = 0;
+        // One shard at a time: the others serve requests meanwhile.
+        for shard in &self.shards {
+            let mut records = lock(shard);
+            let expired: Vec<StorageKey> = records
+                .values()
+                .filter(|r| match &r.state {
+                    RecordState::Completed { expires_at, .. } => *expires_at <= now,
+                    RecordState::InFlight { lease_until, .. } => *lease_until + STALE_IN_FLIGHT_GRACE <= now,
+                })
+                .map(|r| r.key)
+                .take(limit - swept)
+                .collect();
+            for key in &expired {
+                records.remove(key);
+            }
+            swept += expired.len();
+            if swept == limit {
+                break;
+            }
         }
-        drop(records);
         if let Some(mut logs) = self.logs() {
             logs.retain(|_, log| log.expires_at.is_none_or(|at| at > now));
         }
         self.notifier.prune();
-        ready(Ok(expired.len())).boxed()
+        ready(Ok(swept)).boxed()
     }
 
     fn watch(&self, key: &StorageKey) -> BoxFuture<'static, ()> {
