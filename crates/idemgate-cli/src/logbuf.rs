@@ -99,12 +99,22 @@ fn write_loop<W: Write>(shared: &Shared, mut out: W) {
     }
 }
 
+/// How long the guard waits for the last lines to be written at exit: stderr may be a
+/// pipe nobody reads any more, and exiting matters more than those lines.
+const EXIT_GRACE: Duration = Duration::from_secs(1);
+
 impl Drop for Guard {
     fn drop(&mut self) {
         self.shared.lock().closed = true;
         self.shared.wake.notify_one();
         if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
+            let deadline = std::time::Instant::now() + EXIT_GRACE;
+            while !thread.is_finished() && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            if thread.is_finished() {
+                let _ = thread.join();
+            }
         }
     }
 }
@@ -185,6 +195,28 @@ mod tests {
         let (written, writes) = contents(&sink);
         assert_eq!(written, expected);
         assert!(writes < 1_000, "{writes} writes for 10,000 lines");
+    }
+
+    #[test]
+    fn an_output_that_blocks_does_not_hold_up_the_exit() {
+        /// Stands for a pipe nobody reads: every write blocks for good.
+        struct Stuck;
+        impl Write for Stuck {
+            fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+                loop {
+                    std::thread::park();
+                }
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let (buffer, guard) = new(Stuck).unwrap();
+        tracing_subscriber::fmt::MakeWriter::make_writer(&buffer).write_all(b"line\n").unwrap();
+        std::thread::sleep(FLUSH_EVERY * 2);
+        let started = std::time::Instant::now();
+        drop(guard);
+        assert!(started.elapsed() < EXIT_GRACE * 3, "the guard waited {:?}", started.elapsed());
     }
 
     #[test]

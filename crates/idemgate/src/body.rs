@@ -37,17 +37,9 @@ impl ResponseBody {
         Self { kind: Kind::Chunks { chunks, remaining, trailers: None } }
     }
 
-    /// The frames of a body read to its end: its data chunks and its trailers, if any.
-    pub(crate) fn buffered(frames: Vec<Frame<Bytes>>) -> Self {
-        let mut data = Vec::with_capacity(frames.len());
-        let mut trailers = None;
-        for frame in frames {
-            match frame.into_data() {
-                Ok(chunk) => data.push(chunk),
-                Err(frame) => trailers = frame.into_trailers().ok(),
-            }
-        }
-        let mut body = Self::from_chunks(data);
+    /// A body read to its end: its data chunks, then its trailers, if any.
+    pub(crate) fn whole(chunks: Vec<Bytes>, trailers: Option<HeaderMap>) -> Self {
+        let mut body = Self::from_chunks(chunks);
         if let Kind::Chunks { trailers: slot, .. } = &mut body.kind {
             *slot = trailers;
         }

@@ -559,11 +559,14 @@ impl Drop for Detached {
     }
 }
 
-fn content_type_is(headers: &HeaderMap, prefix: &str) -> bool {
+/// Whether the response's media type (parameters aside) is `media_type`: exactly, so
+/// that `application/json` is not `application/jsonl`, a stream of documents.
+fn content_type_is(headers: &HeaderMap, media_type: &str) -> bool {
     headers
         .get(http::header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.trim_start().get(..prefix.len()).is_some_and(|p| p.eq_ignore_ascii_case(prefix)))
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case(media_type))
 }
 
 /// Whether a response is read whole before it is answered: JSON (which a client
@@ -609,6 +612,7 @@ async fn own<S, ResBody>(
     let store = &shared.store;
     let protocol = Protocol::from_path(req.uri().path());
     let flight = shared.flights.start(lease.key);
+    let mut unsettled = Unsettled { shared: &shared, key: lease.key, flight: flight.clone(), armed: true };
     // The client's end of the body: dropped only after the record is settled, so a
     // client that has read the whole body finds the record completed.
     let mut client: Option<mpsc::Sender<Result<Frame<Bytes>, BoxError>>> = None;
@@ -648,34 +652,34 @@ async fn own<S, ResBody>(
         let mut body = pin!(body.map_err(Into::<BoxError>::into));
         if keep && !stream && is_whole(&parts.headers) {
             // Read it all, then answer: the record is settled before the client sees a
-            // byte, and the answer needs neither a task nor a channel.
-            let mut frames = Vec::new();
-            let error = loop {
+            // byte, and the answer needs neither a task nor a channel. The client gets
+            // the recorded chunks, so the body is held once, not twice.
+            let mut trailers = None;
+            let clean = loop {
                 match body.frame().await {
-                    None => break None,
-                    Some(Ok(frame)) => {
-                        if let (Some(rec), Some(data)) = (&mut recording, frame.data_ref()) {
-                            rec.push(data);
+                    None => break true,
+                    Some(Ok(frame)) => match frame.into_data() {
+                        Ok(data) => {
+                            if let Some(rec) = &mut recording {
+                                rec.push(&data);
+                            }
                         }
-                        frames.push(frame);
-                    }
+                        Err(frame) => trailers = frame.into_trailers().ok(),
+                    },
                     Some(Err(e)) => {
                         tracing::warn!(target: "idemgate::upstream", error = %e, "response body failed; releasing the key");
-                        break Some(e);
+                        break false;
                     }
                 }
             };
-            let clean = error.is_none();
-            whole = Some(match error {
-                None => (parts, ResponseBody::buffered(frames)),
+            let response = recording.and_then(|r| r.finish(status, headers, clean));
+            whole = Some(match &response {
+                Some(response) => (parts, ResponseBody::whole(response.chunks.clone(), trailers)),
                 // Nothing has reached the client yet: say what happened, rather than
                 // send a head whose body then breaks.
-                Some(_) => Problem::UpstreamBodyFailed.into_response().into_parts(),
+                None => Problem::UpstreamBodyFailed.into_response().into_parts(),
             });
-            return match recording.and_then(|r| r.finish(status, headers, clean)) {
-                Some(response) => Settle::Complete(response),
-                None => Settle::Release,
-            };
+            return response.map_or(Settle::Release, Settle::Complete);
         }
         let (tx, rx) = mpsc::channel(LIVE_BUFFER);
         if let Some(head) = head_tx.take()
@@ -765,9 +769,30 @@ async fn own<S, ResBody>(
         }
     }
     shared.flights.remove(&lease.key, &flight);
+    unsettled.armed = false;
     drop(client);
     if let (Some(tx), Some(head)) = (head_tx, whole) {
         let _ = tx.send(Ok(head));
+    }
+}
+
+/// Ends an owner's flight as broken, and unregisters it, when the owner stops before
+/// it did so itself: it panicked, or its future was dropped with no runtime to finish
+/// it on. Duplicates following the flight in this process then fail (and retry)
+/// instead of waiting for chunks that will never come. The key's lease runs out.
+struct Unsettled<'a> {
+    shared: &'a Shared,
+    key: StorageKey,
+    flight: Arc<crate::flight::Flight>,
+    armed: bool,
+}
+
+impl Drop for Unsettled<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.flight.end(FlightEnd::Broken);
+            self.shared.flights.remove(&self.key, &self.flight);
+        }
     }
 }
 
@@ -853,6 +878,14 @@ mod tests {
         assert!(is_event_stream(&h));
         h.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
         assert!(!is_event_stream(&h));
+        assert!(is_whole(&h));
+        h.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("Application/JSON ; charset=utf-8"));
+        assert!(is_whole(&h));
+        // A stream of JSON documents goes to the client as it comes.
+        h.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/jsonl"));
+        assert!(!is_whole(&h));
+        h.insert(http::header::CONTENT_LENGTH, HeaderValue::from_static("1000"));
+        assert!(is_whole(&h), "a small declared length is read whole whatever the type");
     }
 
     #[test]
