@@ -482,7 +482,10 @@ fn replayed(status: StatusCode, stored: Vec<(String, Bytes)>, body: ResponseBody
     res
 }
 
-type Head<E> = Result<(http::response::Parts, ResponseBody), E>;
+/// The answer for the client: its head and body, and the outcome when the owner knows
+/// better than the status does (a body that broke off is released, whatever its
+/// status would say).
+type Head<E> = Result<(http::response::Parts, ResponseBody, Option<Outcome>), E>;
 
 /// Runs the call as the owner of `lease`: on the request's own task while it waits for
 /// the answer, then (a stream's owner, which reads on, or an owner whose client hung
@@ -505,8 +508,9 @@ where
     let head = owner.drive_until(head_rx).await;
     drop(owner);
     match head {
-        Ok(Ok((parts, body))) => {
-            let outcome = if shared.policy.stores(parts.status) { Outcome::Executed } else { Outcome::Released };
+        Ok(Ok((parts, body, known))) => {
+            let stored = if shared.policy.stores(parts.status) { Outcome::Executed } else { Outcome::Released };
+            let outcome = known.unwrap_or(stored);
             (Ok(Response::from_parts(parts, body)), outcome)
         }
         Ok(Err(e)) => (Err(e), Outcome::Released),
@@ -619,7 +623,7 @@ async fn own<S, ResBody>(
     let mut log: Option<LogWriter> = None;
     let mut head_tx = Some(head_tx);
     // A whole body's head, sent once the record is settled.
-    let mut whole: Option<(http::response::Parts, ResponseBody)> = None;
+    let mut whole: Option<(http::response::Parts, ResponseBody, Option<Outcome>)> = None;
     let work = async {
         let res = match inner.oneshot(req).await {
             Ok(res) => res,
@@ -674,16 +678,19 @@ async fn own<S, ResBody>(
             };
             let response = recording.and_then(|r| r.finish(status, headers, clean));
             whole = Some(match &response {
-                Some(response) => (parts, ResponseBody::whole(response.chunks.clone(), trailers)),
+                Some(response) => (parts, ResponseBody::whole(response.chunks.clone(), trailers), None),
                 // Nothing has reached the client yet: say what happened, rather than
                 // send a head whose body then breaks.
-                None => Problem::UpstreamBodyFailed.into_response().into_parts(),
+                None => {
+                    let (parts, body) = Problem::UpstreamBodyFailed.into_response().into_parts();
+                    (parts, body, Some(Outcome::Released))
+                }
             });
             return response.map_or(Settle::Release, Settle::Complete);
         }
         let (tx, rx) = mpsc::channel(LIVE_BUFFER);
         if let Some(head) = head_tx.take()
-            && head.send(Ok((parts, ResponseBody::live(rx)))).is_ok()
+            && head.send(Ok((parts, ResponseBody::live(rx), None))).is_ok()
         {
             client = Some(tx);
         }
