@@ -15,6 +15,7 @@ from helpers import (
     chat_body,
     messages_body,
     anthropic_headers,
+    metric_sum,
     new_key,
     openai_headers,
     raw_http,
@@ -185,3 +186,29 @@ strip-prefix = true
     assert stripped.json()["type"] == "message"
     assert [r["path"] for r in mock.requests()] == [CHAT_PATH, MESSAGES_PATH]
     assert_still_serving(gateway, mock, 2)
+
+
+def test_an_upstream_json_body_that_stalls_is_a_502_and_the_retry_executes(mock, gateways, tmp_path):
+    """The gateway reads a JSON response whole before answering, so an upstream that
+    sends the head and then goes silent gets the client a clear 502 (not a 200 whose
+    body breaks), counted as released even on a route that stores 5xx, and nothing is
+    stored: the retry executes."""
+    config = tmp_path / "stall.toml"
+    config.write_text('idle-timeout = "300ms"\nstore-server-errors = true\n')
+    gateway = gateways.start("--config", str(config))
+    key = new_key("stall")
+    body = chat_body(f"stall {uuid.uuid4()}")
+    stalled = gateway.post(CHAT_PATH, body=body, headers=openai_headers(key, **{"x-mock-body-delay-ms": "3000"}))
+    problem = assert_problem(stalled, 502)
+    assert problem["type"].endswith("/upstream-body-failed"), problem
+    assert stalled.headers["x-should-retry"] == "true"
+    assert mock.calls() == 1
+
+    retry = gateway.post(CHAT_PATH, body=body, headers=openai_headers(key))
+    assert retry.status_code == 200, retry.text
+    assert retry.headers["idempotent-replayed"] == "false"
+    assert mock.calls() == 2
+
+    text = gateway.metrics()
+    assert metric_sum(text, "idemgate_requests_total", outcome="released") == 1
+    assert metric_sum(text, "idemgate_requests_total", outcome="executed") == 1
