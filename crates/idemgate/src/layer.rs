@@ -275,7 +275,7 @@ where
     };
 
     let (mut parts, body) = req.into_parts();
-    let declared = parts.headers.get(http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    let declared = content_length(&parts.headers);
     if declared.is_some_and(|n| n > policy.max_body as u64) {
         return Ok(closing(answer(seen, Outcome::Rejected, Problem::BodyTooLarge { limit: policy.max_body })));
     }
@@ -577,11 +577,12 @@ fn content_type_is(headers: &HeaderMap, media_type: &str) -> bool {
 /// cannot use before its end), or any body of a small declared length. Other bodies
 /// (audio, files) go to the client as they arrive.
 fn is_whole(headers: &HeaderMap) -> bool {
-    content_type_is(headers, "application/json")
-        || headers
-            .get(http::header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
-            .is_some_and(|n| n <= WHOLE_BODY_LIMIT)
+    content_type_is(headers, "application/json") || content_length(headers).is_some_and(|n| n <= WHOLE_BODY_LIMIT)
+}
+
+/// The declared `Content-Length`, when there is a valid one.
+fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers.get(http::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse().ok())
 }
 
 /// An event stream is recorded event-aware: stored only once it reached its
@@ -616,7 +617,7 @@ async fn own<S, ResBody>(
     let store = &shared.store;
     let protocol = Protocol::from_path(req.uri().path());
     let flight = shared.flights.start(lease.key);
-    let mut unsettled = Unsettled { shared: &shared, key: lease.key, flight: flight.clone(), armed: true };
+    let mut registration = Registration { shared: &shared, key: lease.key, flight: flight.clone(), ended: false };
     // The client's end of the body: dropped only after the record is settled, so a
     // client that has read the whole body finds the record completed.
     let mut client: Option<mpsc::Sender<Result<Frame<Bytes>, BoxError>>> = None;
@@ -754,7 +755,7 @@ async fn own<S, ResBody>(
                 }
             }
             // After `complete`: a duplicate that finds the flight over finds the record.
-            let followers = flight.end(FlightEnd::Complete);
+            let followers = registration.end(FlightEnd::Complete);
             if let Some(log) = log.take() {
                 log.end(LiveEnd::Complete);
             }
@@ -769,37 +770,44 @@ async fn own<S, ResBody>(
                 }
                 tracing::warn!(target: "idemgate::store", backend, error = %e, "release failed; the lease will run out");
             }
-            flight.end(FlightEnd::Broken);
+            registration.end(FlightEnd::Broken);
             if let Some(log) = log.take() {
                 log.end(LiveEnd::Broken);
             }
         }
     }
-    shared.flights.remove(&lease.key, &flight);
-    unsettled.armed = false;
     drop(client);
     if let (Some(tx), Some(head)) = (head_tx, whole) {
         let _ = tx.send(Ok(head));
     }
 }
 
-/// Ends an owner's flight as broken, and unregisters it, when the owner stops before
-/// it did so itself: it panicked, or its future was dropped with no runtime to finish
-/// it on. Duplicates following the flight in this process then fail (and retry)
-/// instead of waiting for chunks that will never come. The key's lease runs out.
-struct Unsettled<'a> {
+/// An owner's flight while it is registered: unregistered when the owner is done,
+/// and ended as broken first if the owner stopped before ending it (it panicked, or
+/// its future was dropped with no runtime to finish it on), so that duplicates
+/// following it in this process fail and retry instead of waiting for chunks that will
+/// never come. The key's lease then runs out.
+struct Registration<'a> {
     shared: &'a Shared,
     key: StorageKey,
     flight: Arc<crate::flight::Flight>,
-    armed: bool,
+    ended: bool,
 }
 
-impl Drop for Unsettled<'_> {
+impl Registration<'_> {
+    /// Ends the flight; the number of followers it had.
+    fn end(&mut self, end: FlightEnd) -> u64 {
+        self.ended = true;
+        self.flight.end(end)
+    }
+}
+
+impl Drop for Registration<'_> {
     fn drop(&mut self) {
-        if self.armed {
+        if !self.ended {
             self.flight.end(FlightEnd::Broken);
-            self.shared.flights.remove(&self.key, &self.flight);
         }
+        self.shared.flights.remove(&self.key, &self.flight);
     }
 }
 
