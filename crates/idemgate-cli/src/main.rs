@@ -2,6 +2,7 @@
 
 mod config;
 mod logbuf;
+mod logfmt;
 mod serve;
 mod stats;
 mod store;

@@ -41,6 +41,12 @@ fn init_logging(format: LogFormat) -> anyhow::Result<crate::logbuf::Guard> {
     let (writer, guard) = crate::logbuf::new(std::io::stderr()).context("cannot start the log writer")?;
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer).with_ansi(ansi);
     match format {
+        // The per-request line has its own writer (see `logfmt`); on a terminal the
+        // stock format colours it instead.
+        LogFormat::Text if !ansi => {
+            let lines = crate::logfmt::RequestLines::new(tracing_subscriber::fmt::format().with_ansi(false));
+            builder.event_format(lines).init();
+        }
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).init(),
     }
