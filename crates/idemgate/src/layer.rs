@@ -30,7 +30,7 @@
 
 use std::future::Future;
 use std::pin::{Pin, pin};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -138,6 +138,16 @@ struct Shared {
     store: Arc<dyn Store>,
     policy: Policy,
     flights: Flights,
+    meters: OnceLock<Arc<m::Meters>>,
+}
+
+impl Shared {
+    /// Taken at the first request, after the binary installed its recorder.
+    fn meters(&self) -> &Arc<m::Meters> {
+        self.meters.get_or_init(|| {
+            Arc::new(m::Meters::new(&self.policy.route, self.store.backend(), self.policy.prices.clone()))
+        })
+    }
 }
 
 impl IdempotencyLayer {
@@ -148,7 +158,7 @@ impl IdempotencyLayer {
 
     /// A layer over `store` with `policy`.
     pub fn with_policy(store: Arc<dyn Store>, policy: Policy) -> Self {
-        Self { shared: Arc::new(Shared { store, policy, flights: Flights::default() }) }
+        Self { shared: Arc::new(Shared { store, policy, flights: Flights::default(), meters: OnceLock::new() }) }
     }
 
     /// The policy in force.
@@ -215,8 +225,7 @@ where
             let mut seen = Seen::default();
             let res = handle(&shared, inner, req, &mut seen).await;
             let route = shared.policy.route.clone();
-            metrics::counter!(m::REQUESTS_TOTAL, "route" => route.to_string(), "outcome" => seen.outcome.as_str())
-                .increment(1);
+            shared.meters().request(seen.outcome);
             let status = res.as_ref().map_or(0, |r| r.status().as_u16());
             tracing::info!(
                 target: "idemgate::request",
@@ -297,6 +306,7 @@ where
 
     let store = &shared.store;
     let backend = store.backend();
+    let meters = shared.meters();
     let mut waiting = false;
     let mut wake = None;
     loop {
@@ -304,7 +314,7 @@ where
             // Subscribe before reading the state, so a change in between is not missed.
             wake = Some(store.watch(&skey));
         }
-        let claim = m::timed(backend, "claim", store.claim(&skey, &fp, policy.lease)).await;
+        let claim = meters.timed(m::Op::Claim, store.claim(&skey, &fp, policy.lease)).await;
         match claim {
             Ok(Claim::Acquired(lease)) => {
                 if lease.took_over {
@@ -316,16 +326,16 @@ where
             }
             Ok(Claim::Completed(stored)) => {
                 if !waiting {
-                    metrics::counter!(m::DUPLICATES_TOTAL).increment(1);
+                    meters.duplicate();
                 }
                 seen.outcome = if waiting { Outcome::Joined } else { Outcome::Replayed };
-                m::saved(policy.prices.as_deref(), stored.usage.as_ref(), stored.model.as_deref());
+                meters.saved(stored.usage.as_ref(), stored.model.as_deref());
                 return Ok(replay(*stored, policy.replay_pace));
             }
             Ok(Claim::Mismatch) => return Ok(answer(seen, Outcome::Mismatch, Problem::Mismatch)),
             Ok(Claim::InFlight { lease_until }) => {
                 if !waiting {
-                    metrics::counter!(m::DUPLICATES_TOTAL).increment(1);
+                    meters.duplicate();
                 }
                 let now = Instant::now();
                 if now >= wait_until {
@@ -351,8 +361,7 @@ where
                         headers: read.head.headers.clone(),
                         joinable: true,
                     };
-                    let prices = policy.prices.clone();
-                    return Ok(joined(head, live::follow(store.clone(), skey, read, prices)));
+                    return Ok(joined(head, live::follow(store.clone(), skey, read, meters.clone())));
                 }
                 if waiting {
                     let nap = policy.poll_interval.min(wait_until - now);
@@ -727,7 +736,8 @@ async fn own<S, ResBody>(
             None => Settle::Release,
         }
     };
-    let settle = renewing(work, store.as_ref(), &lease, policy.lease).await;
+    let meters = shared.meters();
+    let settle = renewing(work, store.as_ref(), meters, &lease, policy.lease).await;
     let backend = store.backend();
     match settle {
         Settle::Complete(response) => {
@@ -735,7 +745,7 @@ async fn own<S, ResBody>(
                 log.flush().await;
             }
             for attempt in 1..=COMPLETE_ATTEMPTS {
-                match m::timed(backend, "complete", store.complete(&lease, &response, policy.ttl)).await {
+                match meters.timed(m::Op::Complete, store.complete(&lease, &response, policy.ttl)).await {
                     Ok(()) => break,
                     // A retry after a failed attempt may find the key completed by that
                     // very attempt, whose answer was lost on the way back: check.
@@ -761,11 +771,11 @@ async fn own<S, ResBody>(
                 log.end(LiveEnd::Complete);
             }
             for _ in 0..followers {
-                m::saved(policy.prices.as_deref(), response.usage.as_ref(), response.model.as_deref());
+                meters.saved(response.usage.as_ref(), response.model.as_deref());
             }
         }
         Settle::Release => {
-            if let Err(e) = m::timed(backend, "release", store.release(&lease)).await {
+            if let Err(e) = meters.timed(m::Op::Release, store.release(&lease)).await {
                 if e.kind() == ErrorKind::Conflict {
                     metrics::counter!(m::LEASE_LOST_TOTAL).increment(1);
                 }
@@ -824,7 +834,13 @@ async fn completed_by_us(store: &Arc<dyn Store>, lease: &Lease) -> bool {
 }
 
 /// Drives `work` while renewing `lease` every third of its duration.
-async fn renewing<F: Future>(work: F, store: &dyn Store, lease: &Lease, duration: Duration) -> F::Output {
+async fn renewing<F: Future>(
+    work: F,
+    store: &dyn Store,
+    meters: &m::Meters,
+    lease: &Lease,
+    duration: Duration,
+) -> F::Output {
     let every = duration / 3;
     let mut work = pin!(work);
     let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
@@ -833,7 +849,7 @@ async fn renewing<F: Future>(work: F, store: &dyn Store, lease: &Lease, duration
         tokio::select! {
             out = &mut work => return out,
             _ = ticker.tick(), if renew => {
-                match m::timed(store.backend(), "renew", store.renew(lease, duration)).await {
+                match meters.timed(m::Op::Renew, store.renew(lease, duration)).await {
                     Ok(_) => {}
                     Err(e) if e.kind() == ErrorKind::Conflict => {
                         tracing::warn!(target: "idemgate::store", key = lease.key.short(), "lease lost while the call ran");

@@ -18,10 +18,10 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::clock::Timestamp;
 use crate::error::BoxError;
+use crate::metrics::Meters;
 use crate::record::RecordState;
 use crate::scope::StorageKey;
 use crate::store::{Lease, LiveEnd, LiveHead, LiveRead, Store};
-use crate::usage::Prices;
 
 /// How long a follower waits for a wake-up before it reads the log again.
 const FOLLOW_POLL: Duration = Duration::from_millis(50);
@@ -129,10 +129,10 @@ pub(crate) fn follow(
     store: Arc<dyn Store>,
     key: StorageKey,
     first: LiveRead,
-    prices: Option<Arc<Prices>>,
+    meters: Arc<Meters>,
 ) -> impl Stream<Item = Result<Frame<Bytes>, BoxError>> + Send + 'static {
     let token = first.token;
-    let state = Follow { store, key, token, prices, next: 0, pending: first.chunks.into(), end: first.end, stalled: 0 };
+    let state = Follow { store, key, token, meters, next: 0, pending: first.chunks.into(), end: first.end, stalled: 0 };
     futures_util::stream::unfold(Some(state), |state| async move {
         let mut s = state?;
         loop {
@@ -203,7 +203,7 @@ struct Follow {
     store: Arc<dyn Store>,
     key: StorageKey,
     token: crate::record::Token,
-    prices: Option<Arc<Prices>>,
+    meters: Arc<Meters>,
     next: u64,
     pending: std::collections::VecDeque<Bytes>,
     end: Option<LiveEnd>,
@@ -241,7 +241,7 @@ impl Follow {
         if let Ok(Some(record)) = self.store.get(&self.key).await
             && let RecordState::Completed { response, .. } = record.state
         {
-            crate::metrics::saved(self.prices.as_deref(), response.usage.as_ref(), response.model.as_deref());
+            self.meters.saved(response.usage.as_ref(), response.model.as_deref());
         }
     }
 }

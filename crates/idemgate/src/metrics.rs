@@ -1,9 +1,13 @@
 //! The metrics the engine emits through the `metrics` facade. The library owns no
 //! registry: the binary installs a recorder (Prometheus in `idemgate serve`), and a
-//! library user may install any other or none.
+//! library user may install any other or none, before the layer serves its first
+//! request: each layer takes its handles then (see `Meters`).
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Instant;
+
+use metrics::{Counter, Histogram};
 
 use crate::usage::{Prices, Usage};
 
@@ -56,6 +60,37 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    /// Every outcome, in the order of [`Self::index`].
+    pub(crate) const ALL: [Self; 10] = [
+        Self::Executed,
+        Self::Released,
+        Self::Replayed,
+        Self::Joined,
+        Self::Conflict,
+        Self::Mismatch,
+        Self::Bypassed,
+        Self::InvalidKey,
+        Self::Rejected,
+        Self::StoreError,
+    ];
+
+    /// The position in [`Self::ALL`]: a match, so that a new outcome does not compile
+    /// until it has a place there.
+    const fn index(self) -> usize {
+        match self {
+            Self::Executed => 0,
+            Self::Released => 1,
+            Self::Replayed => 2,
+            Self::Joined => 3,
+            Self::Conflict => 4,
+            Self::Mismatch => 5,
+            Self::Bypassed => 6,
+            Self::InvalidKey => 7,
+            Self::Rejected => 8,
+            Self::StoreError => 9,
+        }
+    }
+
     /// The label value.
     pub const fn as_str(self) -> &'static str {
         match self {
@@ -87,32 +122,113 @@ pub fn describe() {
     describe_gauge!(COST_SAVED_TOTAL, "Money replays and joins did not spend again, by currency (only grows)");
 }
 
-/// Counts what one replay or join of a response with `usage` saved.
-pub(crate) fn saved(prices: Option<&Prices>, usage: Option<&Usage>, model: Option<&str>) {
-    let Some(usage) = usage else { return };
-    for (kind, n) in usage.kinds() {
-        metrics::counter!(TOKENS_SAVED_TOTAL, "kind" => kind).increment(n);
+/// Handles of one layer's per-request metrics, taken at its first request: looking a
+/// labelled metric up in the recorder's registry costs more than the increment, and
+/// a replay made six such lookups. A recorder installed after a layer served its
+/// first request is not seen by that layer.
+pub(crate) struct Meters {
+    requests: [Counter; Outcome::ALL.len()],
+    duplicates: Counter,
+    /// `claim`, `complete`, `release`, `renew` latency for the layer's store.
+    ops: [Histogram; 4],
+    /// By [`Usage::kinds`], in its order.
+    tokens: [Counter; 4],
+    backend: &'static str,
+    prices: Option<Arc<Prices>>,
+}
+
+/// A store operation, as [`Meters::timed`] labels it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Op {
+    Claim,
+    Complete,
+    Release,
+    Renew,
+}
+
+impl Op {
+    const fn index(self) -> usize {
+        match self {
+            Self::Claim => 0,
+            Self::Complete => 1,
+            Self::Release => 2,
+            Self::Renew => 3,
+        }
     }
-    if let (Some(prices), Some(model)) = (prices, model)
-        && let Some(cost) = prices.cost(model, usage)
-    {
-        // The facade's counters count integers; money is fractional, so this is a
-        // gauge that only ever grows.
-        metrics::gauge!(COST_SAVED_TOTAL, "currency" => prices.currency().to_owned()).increment(cost);
+
+    const fn as_str(self) -> &'static str {
+        match self {
+            Self::Claim => "claim",
+            Self::Complete => "complete",
+            Self::Release => "release",
+            Self::Renew => "renew",
+        }
     }
 }
 
-/// Runs a store operation, recording its latency (and failure) by backend and op.
-pub(crate) async fn timed<T, E>(
-    backend: &'static str,
-    op: &'static str,
-    fut: impl Future<Output = Result<T, E>>,
-) -> Result<T, E> {
-    let start = Instant::now();
-    let res = fut.await;
-    metrics::histogram!(STORE_OP_SECONDS, "backend" => backend, "op" => op).record(start.elapsed());
-    if res.is_err() {
-        metrics::counter!(STORE_ERRORS_TOTAL, "backend" => backend, "op" => op).increment(1);
+impl Meters {
+    pub(crate) fn new(route: &str, backend: &'static str, prices: Option<Arc<Prices>>) -> Self {
+        let route: Arc<str> = Arc::from(route);
+        let op = |op: Op| metrics::histogram!(STORE_OP_SECONDS, "backend" => backend, "op" => op.as_str());
+        let kinds = Usage::default().kinds().map(|(kind, _)| metrics::counter!(TOKENS_SAVED_TOTAL, "kind" => kind));
+        Self {
+            requests: Outcome::ALL.map(
+                |outcome| metrics::counter!(REQUESTS_TOTAL, "route" => route.clone(), "outcome" => outcome.as_str()),
+            ),
+            duplicates: metrics::counter!(DUPLICATES_TOTAL),
+            ops: [Op::Claim, Op::Complete, Op::Release, Op::Renew].map(op),
+            tokens: kinds,
+            backend,
+            prices,
+        }
     }
-    res
+
+    pub(crate) fn request(&self, outcome: Outcome) {
+        self.requests[outcome.index()].increment(1);
+    }
+
+    pub(crate) fn duplicate(&self) {
+        self.duplicates.increment(1);
+    }
+
+    /// Counts what one replay or join of a response with `usage` saved.
+    pub(crate) fn saved(&self, usage: Option<&Usage>, model: Option<&str>) {
+        let Some(usage) = usage else { return };
+        for (counter, (_, n)) in self.tokens.iter().zip(usage.kinds()) {
+            counter.increment(n);
+        }
+        if let (Some(prices), Some(model)) = (self.prices.as_deref(), model)
+            && let Some(cost) = prices.cost(model, usage)
+        {
+            // The facade's counters count integers; money is fractional, so this is a
+            // gauge that only ever grows.
+            metrics::gauge!(COST_SAVED_TOTAL, "currency" => prices.currency().to_owned()).increment(cost);
+        }
+    }
+
+    /// Runs a store operation, recording its latency (and failure) by backend and op.
+    pub(crate) async fn timed<T, E>(&self, op: Op, fut: impl Future<Output = Result<T, E>>) -> Result<T, E> {
+        let start = Instant::now();
+        let res = fut.await;
+        self.ops[op.index()].record(start.elapsed());
+        if res.is_err() {
+            metrics::counter!(STORE_ERRORS_TOTAL, "backend" => self.backend, "op" => op.as_str()).increment(1);
+        }
+        res
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_outcome_has_its_own_slot() {
+        for (i, outcome) in Outcome::ALL.into_iter().enumerate() {
+            assert_eq!(outcome.index(), i, "{outcome:?}");
+        }
+        for (i, op) in [Op::Claim, Op::Complete, Op::Release, Op::Renew].into_iter().enumerate() {
+            assert_eq!(op.index(), i, "{op:?}");
+        }
+    }
 }
