@@ -5,6 +5,7 @@ out, after which one retry takes over (case 5)."""
 from __future__ import annotations
 
 import concurrent.futures
+import subprocess
 import time
 import uuid
 
@@ -13,6 +14,7 @@ import httpx
 from helpers import (
     CHAT_PATH,
     MESSAGES_PATH,
+    OPENAI_API_KEY,
     anthropic_headers,
     assert_problem,
     chat_body,
@@ -56,6 +58,38 @@ def test_a_restarted_gateway_replays_from_the_same_sqlite_file(mock, gateways, t
     assert again_stream.content == first_stream.content
     assert again_stream.headers["content-type"].startswith("text/event-stream")
     assert mock.calls() == 2, "nothing ran again after the restart"
+
+
+def test_a_purge_from_the_cli_ends_replays_the_gateway_keeps_in_memory(mock, gateways, idemgate_bin, tmp_path):
+    # The gateway answers replays of a record it has found from memory; `idemgate purge`
+    # is another process on the same file, and the next request must execute again.
+    store = f"sqlite://{tmp_path / 'purge.db'}"
+    gateway = gateways.start(store=store)
+    key = new_key("purge")
+    body = chat_body(f"purge me {uuid.uuid4()}")
+    first = gateway.post(CHAT_PATH, body=body, headers=openai_headers(key))
+    replays = [gateway.post(CHAT_PATH, body=body, headers=openai_headers(key)) for _ in range(3)]
+    assert first.headers["idempotent-replayed"] == "false"
+    assert [r.headers["idempotent-replayed"] for r in replays] == ["true"] * 3
+    assert all(r.content == first.content for r in replays)
+    assert mock.calls() == 1
+
+    purge = subprocess.run(
+        [str(idemgate_bin), "purge", key, "--tenant", f"Bearer {OPENAI_API_KEY}", "--store", store],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert purge.returncode == 0, purge.stderr
+    assert purge.stdout.startswith("purged ")
+    assert (tmp_path / "purge.db-purges").exists()
+
+    again = gateway.post(CHAT_PATH, body=body, headers=openai_headers(key))
+    assert again.status_code == 200 and again.headers["idempotent-replayed"] == "false"
+    assert mock.calls() == 2, "the purged record was not replayed"
+    after = gateway.post(CHAT_PATH, body=body, headers=openai_headers(key))
+    assert after.headers["idempotent-replayed"] == "true" and after.content == again.content
+    assert mock.calls() == 2
 
 
 def test_a_crashed_owner_blocks_retries_until_its_lease_runs_out(mock, gateways, tmp_path):

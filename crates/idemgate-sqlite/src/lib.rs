@@ -66,6 +66,14 @@
 //!   `serve`): every operation is one `IMMEDIATE` transaction, so claims stay atomic
 //!   across them. Wake-ups of [`Store::watch`] are in-process only; waiters in other
 //!   processes find out by polling.
+//! - **Replays from memory.** A record a claim found completed is kept in the process
+//!   (up to 4,096 records, 32 MiB), so the next replays of it skip the writer thread.
+//!   It is served until its expiry, or until a purge by any process: every
+//!   [`Store::purge`] rewrites the *purge marker*, the file `<file>-purges` beside the
+//!   database, inside its transaction, and every claim reads that marker first. Keep
+//!   the marker with the database (like `-wal` and `-shm`), and delete records only
+//!   through `purge` (or `idemgate purge`): a row deleted with plain SQL may still be
+//!   replayed from a cache until it expires.
 //!
 //! # Design
 //!
@@ -78,7 +86,8 @@
 //! and synced. Claims run the shared
 //! [`idemgate::store::decide`] between reading and writing the row. Reads (`get`,
 //! `ping`) go through the same thread: they see every committed write, in order, and
-//! the hot path is a write anyway.
+//! the hot path is a write anyway; replays of records already found are answered
+//! from `replays.rs`' cache without it.
 //!
 //! The schema (`idemgate_records`, `idemgate_meta`) is documented in `schema.rs` and
 //! readable with the stock `sqlite3` CLI.
@@ -86,6 +95,7 @@
 //! [`STALE_IN_FLIGHT_GRACE`]: idemgate::store::STALE_IN_FLIGHT_GRACE
 
 mod records;
+mod replays;
 mod schema;
 mod writer;
 
@@ -103,6 +113,7 @@ use idemgate::{
 use rusqlite::Connection;
 
 use self::records::Completion;
+use self::replays::Replays;
 use self::writer::{Checkpointer, Task, Writer};
 
 /// The schema version this build reads and writes (in `idemgate_meta`).
@@ -126,6 +137,8 @@ struct Inner {
     // Dropped next: it finishes the queued operations and closes the file.
     writer: Writer,
     notifier: Arc<Notifier>,
+    replays: Arc<Replays>,
+    clock: Arc<dyn Clock>,
     path: Option<PathBuf>,
 }
 
@@ -167,9 +180,10 @@ impl SqliteStore {
             Some(path) => Some(Checkpointer::spawn(schema::open_checkpointer(path)?, path.display().to_string())?),
             None => None,
         };
+        let replays = Arc::new(Replays::open(path.as_deref())?);
         let notifier = Arc::new(Notifier::new());
-        let writer = Writer::spawn(conn, clock, Arc::clone(&notifier))?;
-        Ok(Self { inner: Arc::new(Inner { _checkpointer: checkpointer, writer, notifier, path }) })
+        let writer = Writer::spawn(conn, Arc::clone(&clock), Arc::clone(&notifier))?;
+        Ok(Self { inner: Arc::new(Inner { _checkpointer: checkpointer, writer, notifier, replays, clock, path }) })
     }
 
     /// Runs `op` on the writer thread, waking the waiters of `wake` once it has
@@ -240,7 +254,21 @@ impl Store for SqliteStore {
         lease: Duration,
     ) -> BoxFuture<'a, Result<Claim, StoreError>> {
         let (key, fp) = (*key, *fp);
-        self.run(None, move |conn, now| records::claim(conn, &key, &fp, lease, now))
+        // Read before the database: see `replays.rs` for why this order is safe.
+        let generation = self.inner.replays.generation();
+        if let Some(response) = self.inner.replays.get(generation, &key, &fp, self.inner.clock.now()) {
+            return futures_util::future::ready(Ok(Claim::Completed(Box::new(response)))).boxed();
+        }
+        let replays = Arc::clone(&self.inner.replays);
+        let claimed = self.run(None, move |conn, now| records::claim(conn, &key, &fp, lease, now));
+        async move {
+            let (claim, expires_at) = claimed.await?;
+            if let (Claim::Completed(response), Some(expires_at)) = (&claim, expires_at) {
+                replays.insert(generation, key, fp, response, expires_at);
+            }
+            Ok(claim)
+        }
+        .boxed()
     }
 
     fn renew<'a>(&'a self, lease: &'a Lease, duration: Duration) -> BoxFuture<'a, Result<Timestamp, StoreError>> {
@@ -276,7 +304,12 @@ impl Store for SqliteStore {
 
     fn purge<'a>(&'a self, key: &'a StorageKey) -> BoxFuture<'a, Result<bool, StoreError>> {
         let key = *key;
-        self.run(Some(key), move |conn, _| records::purge(conn, &key))
+        let replays = Arc::clone(&self.inner.replays);
+        self.run(Some(key), move |conn, _| {
+            // Inside the transaction, before its commit: see `replays.rs`.
+            replays.bump().map_err(|e| StoreError::unavailable("sqlite cannot write its purge marker", e))?;
+            records::purge(conn, &key)
+        })
     }
 
     fn sweep(&self, limit: usize) -> BoxFuture<'_, Result<usize, StoreError>> {

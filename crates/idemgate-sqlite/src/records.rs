@@ -83,14 +83,14 @@ impl Head {
 }
 
 /// Reads the record, applies the shared claim rule, and writes the new lease if the
-/// rule says so.
+/// rule says so. A completed record comes with its expiry (for the replay cache).
 pub(crate) fn claim(
     conn: &Connection,
     key: &StorageKey,
     fp: &Fingerprint,
     lease: Duration,
     now: Timestamp,
-) -> Result<Claim, StoreError> {
+) -> Result<(Claim, Option<Timestamp>), StoreError> {
     let hex = key.to_hex();
     let (found, decision, replay) = {
         let mut stmt = conn.prepare_cached(SELECT).map_err(sqlite_error("sqlite cannot prepare a read"))?;
@@ -104,8 +104,8 @@ pub(crate) fn claim(
                 // The response is read and decoded only for a replay: a corrupt blob
                 // must not stand in the way of replacing an expired record.
                 let replay = match (decision, &head.state) {
-                    (Decision::Completed, &HeadState::Completed { completed_at, status, .. }) => {
-                        Some(response(row, key, completed_at, status)?)
+                    (Decision::Completed, &HeadState::Completed { completed_at, expires_at, status }) => {
+                        Some((response(row, key, completed_at, status)?, expires_at))
                     }
                     _ => None,
                 };
@@ -142,13 +142,13 @@ pub(crate) fn claim(
                     format!("record {} changed under the write lock", key.short()),
                 ));
             }
-            Ok(Claim::Acquired(Lease { key: *key, token, lease_until, took_over: replaces.is_some() }))
+            Ok((Claim::Acquired(Lease { key: *key, token, lease_until, took_over: replaces.is_some() }), None))
         }
-        Decision::InFlight { lease_until } => Ok(Claim::InFlight { lease_until }),
+        Decision::InFlight { lease_until } => Ok((Claim::InFlight { lease_until }, None)),
         Decision::Completed => replay
-            .map(|r| Claim::Completed(Box::new(r)))
+            .map(|(r, expires_at)| (Claim::Completed(Box::new(r)), Some(expires_at)))
             .ok_or_else(|| corrupt(key, "a completed decision without a completed row")),
-        Decision::Mismatch => Ok(Claim::Mismatch),
+        Decision::Mismatch => Ok((Claim::Mismatch, None)),
     }
 }
 

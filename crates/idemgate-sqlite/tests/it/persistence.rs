@@ -79,6 +79,57 @@ fn claims_read_what_another_process_wrote() {
     });
 }
 
+/// Replays are answered from the process's cache once a claim has found the record;
+/// a purge through any store on the file (another process, `idemgate purge`) ends that
+/// at once, and a row deleted behind the store's back (not through `purge`) is still
+/// replayed from the cache, which is how the test knows the cache answered.
+#[test]
+fn a_cached_replay_ends_with_a_purge_from_another_process() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let path = dir.path().join("store.db");
+    let clock = ManualClock::new(START);
+    let response = sample_response(START);
+    runtime().block_on(async {
+        let a = SqliteStore::builder().with_clock(clock.clone()).open(&path).expect("the store opens");
+        let b = SqliteStore::builder().with_clock(clock.clone()).open(&path).expect("a second store opens");
+        for k in [1, 2] {
+            let Claim::Acquired(lease) = a.claim(&key(k), &fp(k), LEASE).await.expect("claim") else {
+                panic!("a fresh key is acquired")
+            };
+            a.complete(&lease, &response, TTL).await.expect("complete");
+            // The first replay reads the file and fills the cache.
+            assert_eq!(
+                a.claim(&key(k), &fp(k), LEASE).await.expect("claim"),
+                Claim::Completed(Box::new(response.clone()))
+            );
+        }
+        let raw = rusqlite::Connection::open(&path).expect("a raw connection");
+        raw.execute("DELETE FROM idemgate_records WHERE key = ?1", [key(2).to_hex()]).expect("a raw delete");
+        assert_eq!(
+            a.claim(&key(2), &fp(2), LEASE).await.expect("claim"),
+            Claim::Completed(Box::new(response.clone())),
+            "answered from the cache"
+        );
+        // Another fingerprint is never answered from the cache.
+        assert_eq!(a.claim(&key(1), &fp(9), LEASE).await.expect("claim"), Claim::Mismatch);
+
+        assert!(b.purge(&key(1)).await.expect("purge"));
+        assert!(matches!(a.claim(&key(1), &fp(1), LEASE).await.expect("claim"), Claim::Acquired(_)));
+        // The purge emptied the whole cache: key 2, deleted behind its back, is gone too.
+        assert!(matches!(a.claim(&key(2), &fp(2), LEASE).await.expect("claim"), Claim::Acquired(_)));
+        assert!(dir.path().join("store.db-purges").exists(), "the purge marker sits beside the file");
+
+        // A cached record expires with its TTL, like the row.
+        let Claim::Acquired(lease) = a.claim(&key(3), &fp(3), LEASE).await.expect("claim") else {
+            panic!("a fresh key is acquired")
+        };
+        a.complete(&lease, &response, TTL).await.expect("complete");
+        assert!(matches!(a.claim(&key(3), &fp(3), LEASE).await.expect("claim"), Claim::Completed(_)));
+        clock.advance(TTL);
+        assert!(matches!(a.claim(&key(3), &fp(3), LEASE).await.expect("claim"), Claim::Acquired(_)));
+    });
+}
+
 /// Commits go to the WAL and a checkpointer thread copies them into the file, so the
 /// file grows while the store is open, without waiting for the close.
 #[test]
