@@ -51,7 +51,9 @@ where
             && ctx.event_scope().is_none_or(|mut scope| scope.next().is_none());
         if plain_case {
             let written = SCRATCH.with(|scratch| {
-                let (line, second) = &mut *scratch.borrow_mut();
+                // Busy only if formatting a field logged another request line.
+                let mut scratch = scratch.try_borrow_mut().ok()?;
+                let (line, second) = &mut *scratch;
                 line.clear();
                 push_timestamp(line, second, SystemTime::now());
                 line.push_str(" INFO ");
@@ -129,10 +131,17 @@ impl Fields<'_> {
         }
     }
 
-    fn named(&mut self, field: &Field) {
+    /// Starts ` name=`, or gives up on a name the stock format writes otherwise (the
+    /// message bare, a raw identifier without its `r#`).
+    fn named(&mut self, field: &Field) -> bool {
+        if field.name() == "message" || field.name().starts_with("r#") {
+            self.plain = false;
+            return false;
+        }
         self.pad();
         self.line.push_str(field.name());
         self.line.push('=');
+        true
     }
 }
 
@@ -140,33 +149,43 @@ impl Visit for Fields<'_> {
     fn record_str(&mut self, field: &Field, value: &str) {
         // `Debug` of a str escapes quotes, backslashes and anything unprintable; such
         // values (rare: a route name from the config) take the stock path.
-        if field.name() == "message" || !value.bytes().all(|b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\') {
+        if !value.bytes().all(|b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\') {
             self.plain = false;
             return;
         }
-        self.named(field);
+        if !self.named(field) {
+            return;
+        }
         self.line.push('"');
         self.line.push_str(value);
         self.line.push('"');
     }
 
     fn record_u64(&mut self, field: &Field, value: u64) {
-        self.named(field);
+        if !self.named(field) {
+            return;
+        }
         let _ = write!(self.line, "{value}");
     }
 
     fn record_i64(&mut self, field: &Field, value: i64) {
-        self.named(field);
+        if !self.named(field) {
+            return;
+        }
         let _ = write!(self.line, "{value}");
     }
 
     fn record_f64(&mut self, field: &Field, value: f64) {
-        self.named(field);
+        if !self.named(field) {
+            return;
+        }
         let _ = write!(self.line, "{value:?}");
     }
 
     fn record_bool(&mut self, field: &Field, value: bool) {
-        self.named(field);
+        if !self.named(field) {
+            return;
+        }
         self.line.push_str(if value { "true" } else { "false" });
     }
 
@@ -179,7 +198,9 @@ impl Visit for Fields<'_> {
         self.pad();
         let start = self.line.len();
         let _ = write!(self.line, "{value:?}");
-        if self.line[start..].bytes().any(|b| b == 0x1b) {
+        // The stock format escapes control characters in a message: only plain
+        // printable ASCII is written as is.
+        if !self.line[start..].bytes().all(|b| (0x20..0x7f).contains(&b)) {
             self.plain = false;
         }
     }
@@ -264,6 +285,9 @@ mod tests {
             request("\u{1b}[31mred", "-", 1.0);
             request("zürich", "-", 1.0);
             tracing::info!(target: "idemgate::request", error = ?std::io::ErrorKind::Other, "request");
+            tracing::info!(target: "idemgate::request", status = 200u16, "bell \u{7} and del \u{7f} and \u{85}");
+            tracing::info!(target: "idemgate::request", r#type = "raw", "request");
+            tracing::info!(target: "idemgate::request", message = 7u64);
             // Other events, levels and spans are the stock format's.
             tracing::info!(target: "idemgate::serve", listen = "127.0.0.1:8080", "listening");
             tracing::warn!(target: "idemgate::request", route = "default", "request");
@@ -271,7 +295,7 @@ mod tests {
             let _in = span.enter();
             request("default", "-", 1.0);
         });
-        assert_eq!(ours.lines().len(), 11);
+        assert_eq!(ours.lines().len(), 14);
         assert_eq!(ours.lines(), stock.lines());
         assert_eq!(
             ours.lines()[0],

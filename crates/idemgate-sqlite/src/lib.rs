@@ -70,7 +70,8 @@
 //!   (up to 4,096 records, 32 MiB), so the next replays of it skip the writer thread.
 //!   It is served until its expiry, or until a purge by any process: every
 //!   [`Store::purge`] rewrites the *purge marker*, the file `<file>-purges` beside the
-//!   database, inside its transaction, and every claim reads that marker first. Keep
+//!   database (the path SQLite resolved, with the database's permissions and, as root,
+//!   its owner), inside its transaction, and every claim reads that marker first. Keep
 //!   the marker with the database (like `-wal` and `-shm`), and delete records only
 //!   through `purge` (or `idemgate purge`): a row deleted with plain SQL may still be
 //!   replayed from a cache until it expires.
@@ -180,7 +181,11 @@ impl SqliteStore {
             Some(path) => Some(Checkpointer::spawn(schema::open_checkpointer(path)?, path.display().to_string())?),
             None => None,
         };
-        let replays = Arc::new(Replays::open(path.as_deref())?);
+        // SQLite's own resolved path (symlinks followed), where its `-wal` and `-shm` go.
+        let resolved = path
+            .as_ref()
+            .map(|given| conn.path().filter(|p| !p.is_empty()).map_or_else(|| given.clone(), PathBuf::from));
+        let replays = Arc::new(Replays::open(resolved.as_deref())?);
         let notifier = Arc::new(Notifier::new());
         let writer = Writer::spawn(conn, Arc::clone(&clock), Arc::clone(&notifier))?;
         Ok(Self { inner: Arc::new(Inner { _checkpointer: checkpointer, writer, notifier, replays, clock, path }) })

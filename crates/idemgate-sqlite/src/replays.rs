@@ -13,12 +13,14 @@
 //! purge replaced, and a claim that read the new generation reached the database
 //! after the purge's commit (its transaction waited for the write lock).
 //!
-//! Should the marker be unreadable, nothing is served from the cache.
+//! Should the marker be unreadable, nothing is served from the cache. A store in
+//! memory has no marker (no other process sees it): its generation is a counter.
 
 use std::collections::HashMap;
 use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use idemgate::{Fingerprint, StorageKey, StoreError, StoredResponse, Timestamp, Token};
@@ -29,8 +31,16 @@ const MAX_ENTRIES: usize = 4096;
 const MAX_BYTES: usize = 32 * 1024 * 1024;
 /// A larger record is not kept at all.
 const MAX_ENTRY_BYTES: usize = 1024 * 1024;
+/// What an entry costs besides its bytes: the entry, the map slot, the response.
+const ENTRY_OVERHEAD: usize = 256;
+/// What each chunk costs besides its bytes: its handle, its offset, its framing in the
+/// decoded blob the chunks are slices of.
+const CHUNK_OVERHEAD: usize = 48;
+/// What each header costs besides its name and value.
+const HEADER_OVERHEAD: usize = 64;
 
-/// The marker's path for the database at `db`.
+/// The marker's path for the database at `db`: the path SQLite resolved (symlinks
+/// followed), so that every process on the file, by whatever path, shares one marker.
 pub(crate) fn marker_path(db: &Path) -> PathBuf {
     let mut name = db.as_os_str().to_owned();
     name.push("-purges");
@@ -40,6 +50,8 @@ pub(crate) fn marker_path(db: &Path) -> PathBuf {
 pub(crate) struct Replays {
     /// `None` for a store in memory: no other process can purge it.
     marker: Option<File>,
+    /// The generation of a store in memory (no marker): bumped by each purge.
+    counter: AtomicU64,
     cache: Mutex<Cache>,
 }
 
@@ -62,20 +74,11 @@ struct Entry {
 pub(crate) struct Generation(Option<u64>);
 
 impl Replays {
-    /// Opens (creating if needed) the purge marker of the database at `db`.
+    /// Opens (creating if needed) the purge marker of the database at `db`, the path
+    /// SQLite resolved for it.
     pub(crate) fn open(db: Option<&Path>) -> Result<Self, StoreError> {
-        let marker = match db {
-            None => None,
-            Some(db) => {
-                let path = marker_path(db);
-                let file =
-                    File::options().read(true).write(true).create(true).truncate(false).open(&path).map_err(|e| {
-                        StoreError::unavailable(format!("sqlite cannot open its purge marker {}", path.display()), e)
-                    })?;
-                Some(file)
-            }
-        };
-        Ok(Self { marker, cache: Mutex::default() })
+        let marker = db.map(open_marker).transpose()?;
+        Ok(Self { marker, counter: AtomicU64::new(0), cache: Mutex::default() })
     }
 
     fn lock(&self) -> MutexGuard<'_, Cache> {
@@ -86,7 +89,7 @@ impl Replays {
     /// The marker's generation now: read it before the database.
     pub(crate) fn generation(&self) -> Generation {
         match &self.marker {
-            None => Generation(Some(0)),
+            None => Generation(Some(self.counter.load(Ordering::Acquire))),
             Some(file) => Generation(read_generation(file).ok()),
         }
     }
@@ -127,7 +130,10 @@ impl Replays {
         expires_at: Timestamp,
     ) {
         let Some(generation) = generation.0 else { return };
-        let bytes = response.body_len() + response.headers.iter().map(|(n, v)| n.len() + v.len()).sum::<usize>();
+        let bytes = ENTRY_OVERHEAD
+            + response.body_len()
+            + CHUNK_OVERHEAD * response.chunks.len()
+            + response.headers.iter().map(|(n, v)| HEADER_OVERHEAD + n.len() + v.len()).sum::<usize>();
         if bytes > MAX_ENTRY_BYTES {
             return;
         }
@@ -149,19 +155,48 @@ impl Replays {
         cache.bytes += bytes;
     }
 
-    /// Writes a new generation to the marker and empties this process's cache: called
-    /// by a purge inside its transaction, before the commit.
+    /// Writes a new generation to the marker and empties this process's cache under
+    /// it (so that a claim which read the old one cannot fill it again): called by a
+    /// purge inside its transaction, before the commit.
     pub(crate) fn bump(&self) -> io::Result<()> {
-        *self.lock() = Cache::default();
-        match &self.marker {
-            None => Ok(()),
+        let generation = match &self.marker {
+            None => self.counter.fetch_add(1, Ordering::AcqRel).wrapping_add(1),
             Some(file) => {
                 // A UUIDv7: its time and random bits never repeat a generation.
                 let token = Token::generate().as_u128();
-                write_generation(file, (token >> 64) as u64 ^ token as u64)
+                let generation = (token >> 64) as u64 ^ token as u64;
+                write_generation(file, generation)?;
+                generation
             }
+        };
+        *self.lock() = Cache { generation, ..Cache::default() };
+        Ok(())
+    }
+}
+
+/// Opens the marker beside `db` read-write (read-only if that is all this user may:
+/// replays still work, a purge then fails). A new marker gets the database file's
+/// permissions and, where allowed, its owner, as SQLite gives its `-wal` and `-shm`.
+fn open_marker(db: &Path) -> Result<File, StoreError> {
+    let path = marker_path(db);
+    let failed = |e| StoreError::unavailable(format!("sqlite cannot open its purge marker {}", path.display()), e);
+    let file = match File::options().read(true).write(true).create(true).truncate(false).open(&path) {
+        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => File::open(&path).map_err(failed)?,
+        opened => opened.map_err(failed)?,
+    };
+    #[cfg(unix)]
+    if let (Ok(db), Ok(marker)) = (std::fs::metadata(db), file.metadata()) {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        if marker.len() == 0 && marker.mode() & 0o777 != db.mode() & 0o777 {
+            // Not ours to change (another user's empty marker): it stays as it is.
+            let _ = file.set_permissions(std::fs::Permissions::from_mode(db.mode() & 0o777));
+        }
+        if marker.len() == 0 && (marker.uid(), marker.gid()) != (db.uid(), db.gid()) {
+            // Only root may give the file away; anyone else keeps it.
+            let _ = std::os::unix::fs::fchown(&file, Some(db.uid()), Some(db.gid()));
         }
     }
+    Ok(file)
 }
 
 #[cfg(unix)]
@@ -232,6 +267,23 @@ mod tests {
     }
 
     #[test]
+    fn in_memory_a_claim_read_before_a_purge_is_not_kept_after_it() {
+        let replays = Replays::open(None).unwrap();
+        let expires = LATER + Duration::from_secs(60);
+        let before = replays.generation();
+        replays.insert(before, key(1), FP, &response(b"one"), expires);
+        assert!(replays.get(replays.generation(), &key(1), &FP, LATER).is_some());
+        replays.bump().unwrap();
+        // The claim's answer arrives after the purge returned: it is not kept.
+        replays.insert(before, key(1), FP, &response(b"one"), expires);
+        assert_eq!(replays.get(replays.generation(), &key(1), &FP, LATER), None);
+        // Nor does a lookup that read the old generation bring it back.
+        assert_eq!(replays.get(before, &key(1), &FP, LATER), None);
+        replays.insert(before, key(1), FP, &response(b"one"), expires);
+        assert_eq!(replays.get(replays.generation(), &key(1), &FP, LATER), None);
+    }
+
+    #[test]
     fn expired_records_are_not_served() {
         let replays = Replays::open(None).unwrap();
         let g = replays.generation();
@@ -255,8 +307,12 @@ mod tests {
         }
         let cache = replays.lock();
         assert_eq!(cache.entries.len(), MAX_ENTRIES);
-        assert_eq!(cache.bytes, MAX_ENTRIES * 4);
+        assert_eq!(cache.bytes, MAX_ENTRIES * (ENTRY_OVERHEAD + CHUNK_OVERHEAD + 4));
         drop(cache);
+        // Many small chunks count for what they hold, not only their bytes.
+        let tiny = StoredResponse::new(200, vec![], vec![Bytes::from_static(b"x"); 40_000], LATER);
+        replays.insert(g, key(254), FP, &tiny, expires);
+        assert!(!replays.lock().entries.contains_key(&key(254)), "40,000 one-byte chunks are over 1 MiB");
         let big = StoredResponse::new(200, vec![], vec![Bytes::from(vec![0; MAX_ENTRY_BYTES + 1])], LATER);
         // (No key of the loop starts with 255.)
         replays.insert(g, key(255), FP, &big, expires);

@@ -118,6 +118,12 @@ fn a_cached_replay_ends_with_a_purge_from_another_process() {
         // The purge emptied the whole cache: key 2, deleted behind its back, is gone too.
         assert!(matches!(a.claim(&key(2), &fp(2), LEASE).await.expect("claim"), Claim::Acquired(_)));
         assert!(dir.path().join("store.db-purges").exists(), "the purge marker sits beside the file");
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = |p: &str| std::fs::metadata(dir.path().join(p)).expect("a file").permissions().mode() & 0o777;
+            assert_eq!(mode("store.db-purges"), mode("store.db"), "the marker has the database's permissions");
+        }
 
         // A cached record expires with its TTL, like the row.
         let Claim::Acquired(lease) = a.claim(&key(3), &fp(3), LEASE).await.expect("claim") else {
@@ -127,6 +133,31 @@ fn a_cached_replay_ends_with_a_purge_from_another_process() {
         assert!(matches!(a.claim(&key(3), &fp(3), LEASE).await.expect("claim"), Claim::Completed(_)));
         clock.advance(TTL);
         assert!(matches!(a.claim(&key(3), &fp(3), LEASE).await.expect("claim"), Claim::Acquired(_)));
+    });
+}
+
+/// A gateway on a symlink to the file and `idemgate purge` on its real path share one
+/// marker, as they share one WAL: the one SQLite resolved.
+#[cfg(unix)]
+#[test]
+fn a_purge_by_the_real_path_reaches_a_store_opened_through_a_symlink() {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let real = dir.path().join("store.db");
+    let link = dir.path().join("current.db");
+    let clock = ManualClock::new(START);
+    let response = sample_response(START);
+    runtime().block_on(async {
+        let b = SqliteStore::builder().with_clock(clock.clone()).open(&real).expect("the store opens");
+        std::os::unix::fs::symlink(&real, &link).expect("a symlink");
+        let a = SqliteStore::builder().with_clock(clock.clone()).open(&link).expect("the store opens by the link");
+        let Claim::Acquired(lease) = a.claim(&key(1), &fp(1), LEASE).await.expect("claim") else {
+            panic!("a fresh key is acquired")
+        };
+        a.complete(&lease, &response, TTL).await.expect("complete");
+        assert!(matches!(a.claim(&key(1), &fp(1), LEASE).await.expect("claim"), Claim::Completed(_)));
+        assert!(b.purge(&key(1)).await.expect("purge"));
+        assert!(matches!(a.claim(&key(1), &fp(1), LEASE).await.expect("claim"), Claim::Acquired(_)));
+        assert!(!dir.path().join("current.db-purges").exists(), "one marker, by the real path");
     });
 }
 
