@@ -143,6 +143,13 @@ impl Fields<'_> {
         self.line.push('=');
         true
     }
+
+    /// ` name=value` of a number or a bool, as `Debug` writes it (as the stock format does).
+    fn value(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        if self.named(field) {
+            let _ = write!(self.line, "{value:?}");
+        }
+    }
 }
 
 impl Visit for Fields<'_> {
@@ -162,31 +169,19 @@ impl Visit for Fields<'_> {
     }
 
     fn record_u64(&mut self, field: &Field, value: u64) {
-        if !self.named(field) {
-            return;
-        }
-        let _ = write!(self.line, "{value}");
+        self.value(field, &value);
     }
 
     fn record_i64(&mut self, field: &Field, value: i64) {
-        if !self.named(field) {
-            return;
-        }
-        let _ = write!(self.line, "{value}");
+        self.value(field, &value);
     }
 
     fn record_f64(&mut self, field: &Field, value: f64) {
-        if !self.named(field) {
-            return;
-        }
-        let _ = write!(self.line, "{value:?}");
+        self.value(field, &value);
     }
 
     fn record_bool(&mut self, field: &Field, value: bool) {
-        if !self.named(field) {
-            return;
-        }
-        self.line.push_str(if value { "true" } else { "false" });
+        self.value(field, &value);
     }
 
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {

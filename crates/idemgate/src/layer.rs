@@ -622,7 +622,8 @@ async fn own<S, ResBody>(
     ResBody: Body<Data = Bytes> + Send + 'static,
     ResBody::Error: Into<BoxError>,
 {
-    let _inflight = InflightGuard::new();
+    let meters = shared.meters();
+    let _inflight = meters.inflight();
     let policy = &shared.policy;
     let store = &shared.store;
     let protocol = Protocol::from_path(req.uri().path());
@@ -736,7 +737,6 @@ async fn own<S, ResBody>(
             None => Settle::Release,
         }
     };
-    let meters = shared.meters();
     let settle = renewing(work, store.as_ref(), meters, &lease, policy.lease).await;
     let backend = store.backend();
     match settle {
@@ -869,21 +869,6 @@ fn replay_headers(headers: &HeaderMap, allow: &[HeaderName]) -> Vec<(String, Byt
             headers.get_all(n).iter().map(move |v| (n.as_str().to_owned(), Bytes::copy_from_slice(v.as_bytes())))
         })
         .collect()
-}
-
-struct InflightGuard;
-
-impl InflightGuard {
-    fn new() -> Self {
-        metrics::gauge!(m::INFLIGHT).increment(1.0);
-        Self
-    }
-}
-
-impl Drop for InflightGuard {
-    fn drop(&mut self) {
-        metrics::gauge!(m::INFLIGHT).decrement(1.0);
-    }
 }
 
 #[cfg(test)]

@@ -7,7 +7,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Instant;
 
-use metrics::{Counter, Histogram};
+use metrics::{Counter, Gauge, Histogram};
 
 use crate::usage::{Prices, Usage};
 
@@ -133,8 +133,10 @@ pub(crate) struct Meters {
     ops: [Histogram; 4],
     /// By [`Usage::kinds`], in its order.
     tokens: [Counter; 4],
+    /// The price table and the gauge of its currency.
+    cost: Option<(Arc<Prices>, Gauge)>,
+    inflight: Gauge,
     backend: &'static str,
-    prices: Option<Arc<Prices>>,
 }
 
 /// A store operation, as [`Meters::timed`] labels it.
@@ -147,6 +149,9 @@ pub(crate) enum Op {
 }
 
 impl Op {
+    /// Every op, in the order of [`Self::index`].
+    const ALL: [Self; 4] = [Self::Claim, Self::Complete, Self::Release, Self::Renew];
+
     const fn index(self) -> usize {
         match self {
             Self::Claim => 0,
@@ -176,11 +181,21 @@ impl Meters {
                 |outcome| metrics::counter!(REQUESTS_TOTAL, "route" => route.clone(), "outcome" => outcome.as_str()),
             ),
             duplicates: metrics::counter!(DUPLICATES_TOTAL),
-            ops: [Op::Claim, Op::Complete, Op::Release, Op::Renew].map(op),
+            ops: Op::ALL.map(op),
             tokens: kinds,
+            cost: prices.map(|prices| {
+                let gauge = metrics::gauge!(COST_SAVED_TOTAL, "currency" => prices.currency().to_owned());
+                (prices, gauge)
+            }),
+            inflight: metrics::gauge!(INFLIGHT),
             backend,
-            prices,
         }
+    }
+
+    /// Counts a keyed call this process executes until the guard is dropped.
+    pub(crate) fn inflight(&self) -> Inflight {
+        self.inflight.increment(1.0);
+        Inflight(self.inflight.clone())
     }
 
     pub(crate) fn request(&self, outcome: Outcome) {
@@ -197,12 +212,12 @@ impl Meters {
         for (counter, (_, n)) in self.tokens.iter().zip(usage.kinds()) {
             counter.increment(n);
         }
-        if let (Some(prices), Some(model)) = (self.prices.as_deref(), model)
+        if let (Some((prices, gauge)), Some(model)) = (&self.cost, model)
             && let Some(cost) = prices.cost(model, usage)
         {
             // The facade's counters count integers; money is fractional, so this is a
             // gauge that only ever grows.
-            metrics::gauge!(COST_SAVED_TOTAL, "currency" => prices.currency().to_owned()).increment(cost);
+            gauge.increment(cost);
         }
     }
 
@@ -218,6 +233,15 @@ impl Meters {
     }
 }
 
+/// One keyed call in [`INFLIGHT`] while it lives.
+pub(crate) struct Inflight(Gauge);
+
+impl Drop for Inflight {
+    fn drop(&mut self) {
+        self.0.decrement(1.0);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -227,7 +251,7 @@ mod tests {
         for (i, outcome) in Outcome::ALL.into_iter().enumerate() {
             assert_eq!(outcome.index(), i, "{outcome:?}");
         }
-        for (i, op) in [Op::Claim, Op::Complete, Op::Release, Op::Renew].into_iter().enumerate() {
+        for (i, op) in Op::ALL.into_iter().enumerate() {
             assert_eq!(op.index(), i, "{op:?}");
         }
     }
