@@ -84,7 +84,9 @@
 //! commits, and only then answers and wakes waiters. It never checkpoints: a second
 //! thread with its own connection runs a `PASSIVE` checkpoint every 100 ms, so no
 //! commit (and no claim queued behind it) waits for pages to be copied into the file
-//! and synced. Claims run the shared
+//! and synced — except when the log has grown past 32 MiB and must be rewound: then
+//! the checkpointer takes the writer's turn (an in-process mutex the writer holds per
+//! batch) for one `RESTART`. Claims run the shared
 //! [`idemgate::store::decide`] between reading and writing the row. Reads (`get`,
 //! `ping`) go through the same thread: they see every committed write, in order, and
 //! the hot path is a write anyway; replays of records already found are answered
@@ -115,7 +117,7 @@ use rusqlite::Connection;
 
 use self::records::Completion;
 use self::replays::Replays;
-use self::writer::{Checkpointer, Task, Writer};
+use self::writer::{Checkpointer, Task, Turns, Writer};
 
 /// The schema version this build reads and writes (in `idemgate_meta`).
 pub const SCHEMA_VERSION: u32 = schema::SCHEMA_VERSION;
@@ -177,8 +179,11 @@ impl SqliteStore {
     }
 
     fn start(conn: Connection, clock: Arc<dyn Clock>, path: Option<PathBuf>) -> Result<Self, StoreError> {
+        let turns = Turns::default();
         let checkpointer = match &path {
-            Some(path) => Some(Checkpointer::spawn(schema::open_checkpointer(path)?, path.display().to_string())?),
+            Some(path) => {
+                Some(Checkpointer::spawn(schema::open_checkpointer(path)?, turns.clone(), path.display().to_string())?)
+            }
             None => None,
         };
         // SQLite's own resolved path (symlinks followed), where its `-wal` and `-shm` go.
@@ -187,7 +192,7 @@ impl SqliteStore {
             .map(|given| conn.path().filter(|p| !p.is_empty()).map_or_else(|| given.clone(), PathBuf::from));
         let replays = Arc::new(Replays::open(resolved.as_deref())?);
         let notifier = Arc::new(Notifier::new());
-        let writer = Writer::spawn(conn, Arc::clone(&clock), Arc::clone(&notifier))?;
+        let writer = Writer::spawn(conn, turns, Arc::clone(&clock), Arc::clone(&notifier))?;
         Ok(Self { inner: Arc::new(Inner { _checkpointer: checkpointer, writer, notifier, replays, clock, path }) })
     }
 
