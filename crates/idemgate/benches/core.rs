@@ -60,5 +60,36 @@ fn fingerprinting(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, key_parsing, fingerprinting);
+/// The usage read from every completed JSON response, for tokens saved: a chat
+/// completion of the size the benchmarks' mock upstream answers with.
+fn usage_reading(c: &mut Criterion) {
+    let body = serde_json::json!({
+        "id": "chatcmpl-bench",
+        "object": "chat.completion",
+        "created": 1_764_374_400,
+        "model": "gpt-4o-mini-2024-07-18",
+        "choices": [{
+            "index": 0,
+            "message": {"role": "assistant", "content": "Dear customer, thank you for your order. ".repeat(12), "refusal": null},
+            "logprobs": null,
+            "finish_reason": "stop"
+        }],
+        "usage": {
+            "prompt_tokens": 19,
+            "completion_tokens": 120,
+            "total_tokens": 139,
+            "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
+            "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 0}
+        },
+        "system_fingerprint": "fp_bench"
+    })
+    .to_string()
+    .into_bytes();
+    let mut g = c.benchmark_group("usage");
+    g.throughput(Throughput::Bytes(body.len() as u64));
+    g.bench_function("chat_completion", |b| b.iter(|| idemgate::usage::from_json_body(black_box(&body))));
+    g.finish();
+}
+
+criterion_group!(benches, key_parsing, fingerprinting, usage_reading);
 criterion_main!(benches);
