@@ -86,7 +86,9 @@ pub(crate) fn open_checkpointer(path: &Path) -> Result<Connection, StoreError> {
     let name = path.display().to_string();
     let conn = Connection::open(path)
         .map_err(|e| StoreError::unavailable(format!("sqlite cannot open {name} to checkpoint it"), e))?;
-    conn.busy_timeout(BUSY_TIMEOUT).map_err(sqlite_error(format!("sqlite cannot set busy_timeout on {name}")))?;
+    // Short: only a `RESTART` waits, and it holds this process's writer back meanwhile.
+    conn.busy_timeout(crate::writer::RESTART_PATIENCE)
+        .map_err(sqlite_error(format!("sqlite cannot set busy_timeout on {name}")))?;
     // The same durability as the writer's: a checkpoint syncs the WAL, then the file.
     conn.pragma_update(None, "synchronous", "NORMAL")
         .map_err(sqlite_error(format!("sqlite cannot set synchronous on {name}")))?;

@@ -9,13 +9,14 @@
 //! one. Because this thread is the only writer in the process, a claim's read and
 //! write cannot interleave with another claim's.
 
+use std::sync::Arc;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, channel};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
 use idemgate::store::Notifier;
 use idemgate::{Clock, StorageKey, StoreError, Timestamp};
+use parking_lot::{Mutex, MutexGuard};
 use rusqlite::{Connection, TransactionBehavior};
 use tokio::sync::oneshot;
 
@@ -30,14 +31,15 @@ pub(crate) const MAX_BATCH: usize = 256;
 /// the last frames and rewinds the log). Without it the writer finds SQLite's write
 /// lock taken and its busy handler sleeps 1, 2, 5, 10 ms... between tries, so a
 /// 4 ms restart stalled every queued claim for 8 ms and a 12 ms one for 18; waiting
-/// here, the writer resumes the moment the restart ends.
+/// here, the writer resumes the moment the restart ends. The writer hands its turn
+/// over fairly after each batch: re-taking it within microseconds, it would
+/// otherwise keep a waiting checkpointer out for many batches while the log grows.
 #[derive(Clone, Default)]
 pub(crate) struct Turns(Arc<Mutex<()>>);
 
 impl Turns {
     fn take(&self) -> MutexGuard<'_, ()> {
-        // The guarded value is `()`: a panic while holding it leaves nothing broken.
-        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+        self.0.lock()
     }
 }
 
@@ -190,7 +192,7 @@ fn run(mut conn: Connection, turns: &Turns, jobs: &Receiver<Box<dyn Job>>, clock
         batch.push(first);
         batch.extend(jobs.try_iter().take(MAX_BATCH - 1));
         let failure = execute(&mut conn, &mut batch, clock).err();
-        drop(turn);
+        MutexGuard::unlock_fair(turn);
         for job in batch.drain(..) {
             job.finish(failure.as_ref(), notifier);
         }
@@ -273,6 +275,10 @@ fn checkpoint_loop(conn: &Connection, turns: &Turns, stop: &Receiver<()>, name: 
     }
 }
 
+/// How long a `RESTART` waits for SQLite locks held by other processes (the
+/// checkpointer connection's busy timeout; a `PASSIVE` checkpoint never waits).
+pub(crate) const RESTART_PATIENCE: Duration = Duration::from_millis(50);
+
 /// WAL frames (pages) past which a checkpoint also restarts the log.
 pub(crate) const RESTART_AFTER_FRAMES: i64 = 8192;
 
@@ -282,8 +288,11 @@ pub(crate) const RESTART_AFTER_FRAMES: i64 = 8192;
 /// start when a write begins with every frame copied: without the restart it would
 /// grow for as long as the load lasts. `RESTART` takes the writer's turn (after its
 /// current batch) and holds the next batch back while it copies the rest, syncs and
-/// rewinds: a pause of 4–14 ms on the benchmark VM (two fsyncs, whatever the number
-/// of frames), every 32 MiB of writes.
+/// rewinds: a pause of 4–14 ms at 2k misses/s on the benchmark VM (mostly its two
+/// fsyncs; longer when more frames are left to copy), every 32 MiB of writes. It
+/// waits at most [`RESTART_PATIENCE`] for another process's writer or readers, and
+/// otherwise gives up until the next turn: the turn it holds meanwhile stalls this
+/// process's writer too.
 fn checkpoint(conn: &Connection, turns: &Turns) -> rusqlite::Result<()> {
     let frames: i64 = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |row| row.get(1))?;
     if frames > RESTART_AFTER_FRAMES {
