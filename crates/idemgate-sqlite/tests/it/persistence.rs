@@ -1,5 +1,7 @@
 //! What is written stays written: across a reopen, and against newer files.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use idemgate::{Claim, ErrorKind, ManualClock, RecordState, Store};
@@ -265,86 +267,76 @@ fn a_file_that_is_not_a_database_is_refused() {
     assert!(err.to_string().contains(&path.display().to_string()), "the message names the file: {err}");
 }
 
-/// Under steady writes the log is rewound (by the checkpointer's `RESTART`, which
-/// takes its turn between the writer's batches) instead of growing for as long as
-/// the load lasts, and nothing written is lost on the way.
-#[test]
-fn the_log_stays_bounded_under_steady_writes() {
-    const PAIRS: u64 = 8_000;
-    // 16,000 commits of at least one 4 KiB page each (about three, in fact): 66 MB or
-    // more of log if it were never rewound (220 MB measured). The checkpointer restarts it
-    // past 8,192 pages (32 MiB); the bound leaves it ~7,000 pages of lag on a slow
-    // machine.
-    const BOUND: u64 = 64 * 1024 * 1024;
-    let dir = tempfile::tempdir().expect("a temporary directory");
-    let path = dir.path().join("store.db");
-    let wal = dir.path().join("store.db-wal");
-    let clock = ManualClock::new(START);
-    let response = sample_response(START);
-    runtime().block_on(async {
-        let store = SqliteStore::builder().with_clock(clock.clone()).open(&path).expect("the store opens");
-        let mut largest = 0;
-        for n in 0..PAIRS {
-            let Claim::Acquired(lease) = store.claim(&key(n), &fp(n), LEASE).await.expect("claim") else {
-                panic!("a fresh key is acquired")
-            };
-            store.complete(&lease, &response, TTL).await.expect("complete");
-            if n % 100 == 0 {
-                largest = largest.max(std::fs::metadata(&wal).expect("the WAL exists").len());
-            }
-        }
-        assert!(largest < BOUND, "the WAL reached {largest} bytes");
-        for n in (0..PAIRS).step_by(499) {
-            let record = store.get(&key(n)).await.expect("get").expect("the record is there");
-            assert!(matches!(record.state, RecordState::Completed { .. }), "record {n}: {:?}", record.state);
-        }
-    });
-}
+/// The largest size of the WAL over 8,000 to 25,600 claim + complete pairs: 66 MB or
+/// more of log if it were never rewound (about three 4 KiB pages per commit; 208–220
+/// MB measured without the restarts). The checkpointer restarts it past 8,192 pages
+/// (32 MiB); the bound leaves it ~7,000 pages of lag on a slow machine.
+const WAL_BOUND: u64 = 64 * 1024 * 1024;
 
-/// The same under concurrent writes, where the writer is rarely idle: the checkpointer
-/// still gets its turn between two batches, so the log is rewound instead of growing
-/// for as long as the writer stays busy (215 MB here without the restarts).
-#[test]
-fn the_log_stays_bounded_under_concurrent_writes() {
-    const TASKS: u64 = 64;
-    const PAIRS_PER_TASK: u64 = 400;
-    const BOUND: u64 = 64 * 1024 * 1024;
+/// Runs `tasks` concurrent tasks of `pairs` claim + complete pairs each on a fresh
+/// file, reading the WAL's size every `sample_every` pairs of a task; then checks that
+/// every `check_every`-th record is there, completed. Returns the largest size read.
+fn largest_wal(
+    runtime: &tokio::runtime::Runtime,
+    tasks: u64,
+    pairs: u64,
+    sample_every: u64,
+    check_every: usize,
+) -> u64 {
     let dir = tempfile::tempdir().expect("a temporary directory");
     let path = dir.path().join("store.db");
     let wal = dir.path().join("store.db-wal");
     let clock = ManualClock::new(START);
-    let runtime =
-        tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("a runtime");
     runtime.block_on(async {
         let store = SqliteStore::builder().with_clock(clock.clone()).open(&path).expect("the store opens");
-        let largest = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let tasks: Vec<_> = (0..TASKS)
+        let largest = Arc::new(AtomicU64::new(0));
+        let tasks: Vec<_> = (0..tasks)
             .map(|t| {
                 let (store, wal, largest) = (store.clone(), wal.clone(), largest.clone());
                 tokio::spawn(async move {
                     let response = sample_response(START);
-                    for i in 0..PAIRS_PER_TASK {
-                        let n = t * PAIRS_PER_TASK + i;
+                    for i in 0..pairs {
+                        let n = t * pairs + i;
                         let Claim::Acquired(lease) = store.claim(&key(n), &fp(n), LEASE).await.expect("claim") else {
                             panic!("a fresh key is acquired")
                         };
                         store.complete(&lease, &response, TTL).await.expect("complete");
-                        if i % 20 == 0 {
+                        if i % sample_every == 0 {
                             let len = std::fs::metadata(&wal).expect("the WAL exists").len();
-                            largest.fetch_max(len, std::sync::atomic::Ordering::Relaxed);
+                            largest.fetch_max(len, Ordering::Relaxed);
                         }
                     }
                 })
             })
             .collect();
+        let written = tasks.len() as u64 * pairs;
         for task in tasks {
             task.await.expect("the task runs to the end");
         }
-        let largest = largest.load(std::sync::atomic::Ordering::Relaxed);
-        assert!(largest < BOUND, "the WAL reached {largest} bytes");
-        for n in (0..TASKS * PAIRS_PER_TASK).step_by(997) {
+        for n in (0..written).step_by(check_every) {
             let record = store.get(&key(n)).await.expect("get").expect("the record is there");
             assert!(matches!(record.state, RecordState::Completed { .. }), "record {n}: {:?}", record.state);
         }
-    });
+        largest.load(Ordering::Relaxed)
+    })
+}
+
+/// Under steady writes the log is rewound (by the checkpointer's `RESTART`, which
+/// takes its turn between the writer's batches) instead of growing for as long as
+/// the load lasts, and nothing written is lost on the way.
+#[test]
+fn the_log_stays_bounded_under_steady_writes() {
+    let largest = largest_wal(&runtime(), 1, 8_000, 100, 499);
+    assert!(largest < WAL_BOUND, "the WAL reached {largest} bytes");
+}
+
+/// The same under concurrent writes, where the writer is rarely idle: the checkpointer
+/// still gets its turn between two batches, so the log is rewound instead of growing
+/// for as long as the writer stays busy.
+#[test]
+fn the_log_stays_bounded_under_concurrent_writes() {
+    let runtime =
+        tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("a runtime");
+    let largest = largest_wal(&runtime, 64, 400, 20, 997);
+    assert!(largest < WAL_BOUND, "the WAL reached {largest} bytes");
 }
