@@ -19,6 +19,7 @@
 //! # Ok(()) }
 //! ```
 
+mod h1;
 mod headers;
 mod route;
 mod server;

@@ -1,15 +1,16 @@
-//! The upstream client: hyper-util's pooled HTTP/1.1 client over rustls (ring, Mozilla
-//! roots), as a tower `Service` that the idempotency layer wraps.
+//! The upstream client: pooled HTTP/1.1 connections (`h1.rs`) over TCP or rustls
+//! (ring, Mozilla roots), as a tower `Service` that the idempotency layer wraps.
 //!
 //! It never follows redirects (a 3xx goes back to the client as is), bounds the
 //! connect time, the time to the response head and the silence between body frames,
 //! and turns its own failures into `502`/`504` problem responses, which the layer
 //! treats as transient (the key is released and the retry executes).
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -17,16 +18,14 @@ use bytes::Bytes;
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Response, StatusCode, Uri};
 use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
-use hyper_rustls::HttpsConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 use idemgate::{BoxError, RequestBody, ResponseBody};
+use metrics::{Counter, Histogram};
+use parking_lot::Mutex;
 use pin_project_lite::pin_project;
 use tokio::time::Sleep;
 use tower_service::Service;
 
+use crate::h1::{self, HostPool};
 use crate::headers::strip_hop_by_hop;
 
 /// Upstream calls by `route` and `status` (`error` when no response came back).
@@ -52,10 +51,15 @@ impl Default for Timeouts {
     }
 }
 
-/// A pooled client shared by every route.
+/// Each upstream host's pool, by scheme and authority.
+type Pools = HashMap<(Scheme, Authority), Arc<HostPool>>;
+
+/// A pooled client shared by every route: one pool of keep-alive connections per
+/// upstream host.
 #[derive(Clone)]
 pub struct UpstreamClient {
-    client: Client<HttpsConnector<HttpConnector>, RequestBody>,
+    settings: h1::Settings,
+    pools: Arc<Mutex<Pools>>,
     timeouts: Timeouts,
 }
 
@@ -74,24 +78,26 @@ impl UpstreamClient {
     /// A client with HTTP/1.1 keep-alive pooling (HTTP/2 to upstreams queues long
     /// streams on one connection once its stream limit is reached, so it is not used).
     pub fn new(timeouts: Timeouts) -> Result<Self, ClientError> {
-        let mut http = HttpConnector::new();
-        http.enforce_http(false);
-        http.set_nodelay(true);
-        http.set_connect_timeout(Some(timeouts.connect));
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_provider_and_webpki_roots(rustls::crypto::ring::default_provider())
-            .map_err(ClientError)?
-            .https_or_http()
-            .enable_http1()
-            .wrap_connector(http);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(60))
+        let roots = rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
+        let settings = h1::Settings {
+            tls: h1::tls_connector(roots).map_err(ClientError)?,
+            connect_timeout: timeouts.connect,
+            idle_timeout: Duration::from_secs(60),
             // Enough to reuse connections under steady load; after a burst of
-            // hundreds of streams the rest close rather than hold their buffers
-            // (some 30 KiB each) for the idle timeout.
-            .pool_max_idle_per_host(32)
-            .build(https);
-        Ok(Self { client, timeouts })
+            // hundreds of streams the rest close rather than hold their buffers.
+            max_idle: 32,
+        };
+        Ok(Self { settings, pools: Arc::default(), timeouts })
+    }
+
+    /// The pool of `target`'s host, shared by every route that goes there.
+    fn pool(&self, target: &Target) -> Arc<HostPool> {
+        let key = (target.scheme.clone(), target.authority.clone());
+        let mut pools = self.pools.lock();
+        let pool = pools
+            .entry(key)
+            .or_insert_with(|| HostPool::new(target.scheme == Scheme::HTTPS, &target.authority, self.settings.clone()));
+        Arc::clone(pool)
     }
 }
 
@@ -129,30 +135,60 @@ impl Target {
         })
     }
 
-    fn uri(&self, incoming: &Uri) -> Result<Uri, http::Error> {
+    /// The request-target (path and query) upstream for an incoming request's URI.
+    fn request_target(&self, incoming: &Uri) -> Result<PathAndQuery, http::uri::InvalidUri> {
         let mut path = incoming.path();
         if let Some(prefix) = &self.strip {
             path = path.strip_prefix(&**prefix).unwrap_or(path);
         }
-        let query = incoming.query().map(|q| format!("?{q}")).unwrap_or_default();
         let sep = if path.starts_with('/') { "" } else { "/" };
-        let pq = PathAndQuery::try_from(format!("{}{sep}{path}{query}", self.base_path))?;
-        Uri::builder().scheme(self.scheme.clone()).authority(self.authority.clone()).path_and_query(pq).build()
+        let mut target =
+            String::with_capacity(self.base_path.len() + 1 + path.len() + incoming.query().map_or(0, |q| q.len() + 1));
+        target.push_str(&self.base_path);
+        target.push_str(sep);
+        target.push_str(path);
+        if let Some(q) = incoming.query() {
+            target.push('?');
+            target.push_str(q);
+        }
+        PathAndQuery::try_from(target)
     }
 }
 
 /// One route's upstream: the service the idempotency layer wraps.
 #[derive(Debug, Clone)]
 pub struct Upstream {
-    client: UpstreamClient,
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    pool: Arc<HostPool>,
+    timeouts: Timeouts,
     target: Target,
     route: Arc<str>,
+    /// Taken at the first request, once the process has installed its recorder.
+    meters: OnceLock<Meters>,
+}
+
+/// The route's metric handles that every request touches.
+struct Meters {
+    seconds: Histogram,
+    ok: Counter,
+}
+
+impl std::fmt::Debug for Meters {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Meters").finish_non_exhaustive()
+    }
 }
 
 impl Upstream {
     /// Sends requests of `route` to `target` through `client`.
     pub fn new(client: UpstreamClient, target: Target, route: impl Into<Arc<str>>) -> Self {
-        Self { client, target, route: route.into() }
+        let pool = client.pool(&target);
+        let inner = Inner { pool, timeouts: client.timeouts, target, route: route.into(), meters: OnceLock::new() };
+        Self { inner: Arc::new(inner) }
     }
 }
 
@@ -167,41 +203,46 @@ impl Service<Request<RequestBody>> for Upstream {
     }
 
     fn call(&mut self, req: Request<RequestBody>) -> Self::Future {
-        let this = self.clone();
-        Box::pin(async move { Ok(this.forward(req).await) })
+        let inner = Arc::clone(&self.inner);
+        Box::pin(async move { Ok(inner.forward(req).await) })
     }
 }
 
-impl Upstream {
-    async fn forward(self, req: Request<RequestBody>) -> Response<ResponseBody> {
+impl Inner {
+    fn meters(&self) -> &Meters {
+        self.meters.get_or_init(|| Meters {
+            seconds: metrics::histogram!(UPSTREAM_SECONDS, "route" => self.route.to_string()),
+            ok: metrics::counter!(UPSTREAM_REQUESTS_TOTAL, "route" => self.route.to_string(), "status" => "200"),
+        })
+    }
+
+    async fn forward(&self, req: Request<RequestBody>) -> Response<ResponseBody> {
         let (mut parts, body) = req.into_parts();
-        parts.uri = match self.target.uri(&parts.uri) {
-            Ok(uri) => uri,
-            Err(_) => return bad_path(),
-        };
+        let Ok(target) = self.target.request_target(&parts.uri) else { return bad_path() };
         strip_hop_by_hop(&mut parts.headers);
-        // hyper sets `Host` from the URI when none is present.
-        parts.headers.remove(http::header::HOST);
-        parts.version = http::Version::HTTP_11;
         let started = Instant::now();
-        let sent = tokio::time::timeout(
-            self.client.timeouts.response,
-            self.client.client.request(Request::from_parts(parts, body)),
-        );
-        let res = sent.await;
-        let route = self.route.to_string();
-        metrics::histogram!(UPSTREAM_SECONDS, "route" => route.clone()).record(started.elapsed());
+        let sent = self.pool.send(&parts.method, target.as_str(), &parts.headers, body);
+        let res = tokio::time::timeout(self.timeouts.response, sent).await;
+        let meters = self.meters();
+        meters.seconds.record(started.elapsed());
+        let route = &*self.route;
         match res {
             Ok(Ok(res)) => {
-                let status = res.status().as_u16().to_string();
-                metrics::counter!(UPSTREAM_REQUESTS_TOTAL, "route" => route, "status" => status).increment(1);
+                if res.status() == StatusCode::OK {
+                    meters.ok.increment(1);
+                } else {
+                    let status = res.status().as_u16().to_string();
+                    metrics::counter!(UPSTREAM_REQUESTS_TOTAL, "route" => route.to_owned(), "status" => status)
+                        .increment(1);
+                }
                 let (mut parts, body) = res.into_parts();
                 strip_hop_by_hop(&mut parts.headers);
-                Response::from_parts(parts, ResponseBody::new(IdleTimeout::new(body, self.client.timeouts.idle)))
+                Response::from_parts(parts, ResponseBody::new(IdleTimeout::new(body, self.timeouts.idle)))
             }
             Ok(Err(e)) => {
-                metrics::counter!(UPSTREAM_REQUESTS_TOTAL, "route" => route, "status" => "error").increment(1);
-                tracing::warn!(target: "idemgate::upstream", route = &*self.route, error = %ErrorChain(&e), "upstream request failed");
+                metrics::counter!(UPSTREAM_REQUESTS_TOTAL, "route" => route.to_owned(), "status" => "error")
+                    .increment(1);
+                tracing::warn!(target: "idemgate::upstream", route, error = %ErrorChain(&e), "upstream request failed");
                 idemgate::problem::response(
                     StatusCode::BAD_GATEWAY,
                     "upstream-unreachable",
@@ -212,8 +253,9 @@ impl Upstream {
                 )
             }
             Err(_) => {
-                metrics::counter!(UPSTREAM_REQUESTS_TOTAL, "route" => route, "status" => "timeout").increment(1);
-                tracing::warn!(target: "idemgate::upstream", route = &*self.route, "upstream response timed out");
+                metrics::counter!(UPSTREAM_REQUESTS_TOTAL, "route" => route.to_owned(), "status" => "timeout")
+                    .increment(1);
+                tracing::warn!(target: "idemgate::upstream", route, "upstream response timed out");
                 idemgate::problem::response(
                     StatusCode::GATEWAY_TIMEOUT,
                     "upstream-timeout",
@@ -260,22 +302,26 @@ pub struct IdleTimeoutError(Duration);
 
 pin_project! {
     /// A response body that fails when the upstream falls silent for too long.
-    struct IdleTimeout {
+    struct IdleTimeout<B> {
         #[pin]
-        inner: Incoming,
+        inner: B,
         #[pin]
         sleep: Sleep,
         idle: Duration,
     }
 }
 
-impl IdleTimeout {
-    fn new(inner: Incoming, idle: Duration) -> Self {
+impl<B> IdleTimeout<B> {
+    fn new(inner: B, idle: Duration) -> Self {
         Self { inner, sleep: tokio::time::sleep(idle), idle }
     }
 }
 
-impl Body for IdleTimeout {
+impl<B> Body for IdleTimeout<B>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
     type Data = Bytes;
     type Error = BoxError;
 
@@ -311,11 +357,11 @@ mod tests {
     fn target_joins_base_path_strips_prefix_and_keeps_query() {
         let t = Target::new(&"https://api.example.com/v2/".parse().unwrap(), Some("/openai")).unwrap();
         assert_eq!(
-            t.uri(&"/openai/v1/chat/completions?x=1".parse().unwrap()).unwrap(),
-            "https://api.example.com/v2/v1/chat/completions?x=1"
+            t.request_target(&"/openai/v1/chat/completions?x=1".parse().unwrap()).unwrap(),
+            "/v2/v1/chat/completions?x=1"
         );
         let root = Target::new(&"http://127.0.0.1:9/".parse().unwrap(), None).unwrap();
-        assert_eq!(root.uri(&"/v1/messages".parse().unwrap()).unwrap(), "http://127.0.0.1:9/v1/messages");
+        assert_eq!(root.request_target(&"/v1/messages".parse().unwrap()).unwrap(), "/v1/messages");
         assert!(Target::new(&"/relative".parse().unwrap(), None).is_err());
         assert!(Target::new(&"ftp://x".parse().unwrap(), None).is_err());
         assert!(Target::new(&"http://x/?q=1".parse().unwrap(), None).is_err());
