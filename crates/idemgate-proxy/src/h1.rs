@@ -41,14 +41,16 @@ use tokio_rustls::client::TlsStream;
 const INLINE_BODY: u64 = 64 * 1024;
 /// The most a response head (or a chunk-size line, or trailers) may take.
 const MAX_HEAD: usize = 64 * 1024;
+/// The longest chunk-size line (with its extensions) accepted.
+const MAX_CHUNK_LINE: usize = 4 * 1024;
 /// The most header fields a response head may have (hyper's limit too).
 const MAX_HEADERS: usize = 100;
 /// What a read asks the kernel for at least.
 const READ_SIZE: usize = 8 * 1024;
 /// The most a single read asks for when more of a body is known to be coming.
 const READ_SIZE_MAX: usize = 256 * 1024;
-/// Buffers larger than this are not kept on an idle connection.
-const KEEP_BUFFER: usize = 64 * 1024;
+/// At most this many interim (1xx) responses before the final one.
+const MAX_INTERIM: usize = 16;
 
 /// How the pool connects and how long it keeps idle connections.
 #[derive(Clone)]
@@ -107,6 +109,8 @@ pub(crate) enum SendError {
     Invalid(&'static str),
     #[error("the request body could not be read")]
     RequestBody(#[source] BoxError),
+    #[error("the request body's length differs from the one it declared")]
+    BodyLength,
 }
 
 /// A TLS client that trusts `roots` and offers HTTP/1.1 only.
@@ -125,7 +129,12 @@ impl HostPool {
     pub(crate) fn new(https: bool, authority: &http::uri::Authority, settings: Settings) -> Arc<Self> {
         let host = authority.host().trim_start_matches('[').trim_end_matches(']');
         let port = authority.port_u16().unwrap_or(if https { 443 } else { 80 });
-        let host_header = HeaderValue::from_str(authority.as_str()).unwrap_or_else(|_| HeaderValue::from_static(""));
+        // The host and a port other than the scheme's, never the URL's user info.
+        let host_header = match authority.port_u16() {
+            Some(p) if p != if https { 443 } else { 80 } => format!("{}:{p}", authority.host()),
+            _ => authority.host().to_owned(),
+        };
+        let host_header = HeaderValue::from_str(&host_header).unwrap_or_else(|_| HeaderValue::from_static(""));
         Arc::new(Self {
             https,
             host: host.into(),
@@ -156,10 +165,15 @@ impl HostPool {
         // whole request safe to send again if a reused connection turns out closed.
         let inline = length.is_some_and(|n| n <= INLINE_BODY);
         if inline {
+            let head = out.len();
             while let Some(frame) = body.frame().await {
                 if let Ok(data) = frame.map_err(SendError::RequestBody)?.into_data() {
                     out.extend_from_slice(&data);
                 }
+            }
+            // The declared length frames the next request on this connection too.
+            if Some((out.len() - head) as u64) != length {
+                return Err(SendError::BodyLength);
             }
         }
         let (mut conn, mut reused) = self.checkout().await?;
@@ -173,16 +187,22 @@ impl HostPool {
             }
         };
         let written = match written {
-            Ok(()) if !inline => conn.write_body(body, length.is_none()).await,
+            Ok(()) if !inline => conn.write_body(body, length).await,
             other => other,
         };
-        if let Err(e) = written {
+        match written {
+            Ok(()) => {}
             // An upstream may answer (413, say) and close before reading a whole
             // upload: its answer is still the one to pass on.
-            return match conn.read_head().await {
-                Ok(head) => self.response(conn, head, method, false),
-                Err(_) => Err(e),
-            };
+            Err(e @ SendError::Io(_)) => {
+                return match conn.read_head().await {
+                    Ok(head) => self.response(conn, head, method, false),
+                    Err(_) => Err(e),
+                };
+            }
+            // The upstream holds half a request and waits for the rest: the
+            // connection is dropped, which tells it there is none.
+            Err(e) => return Err(e),
         }
         let head = conn.read_head().await?;
         self.response(conn, head, method, true)
@@ -244,7 +264,12 @@ impl HostPool {
         loop {
             let Some(idle) = self.idle.lock().pop_back() else { break };
             let mut conn = idle.conn;
-            if idle.since.elapsed() < self.settings.idle_timeout && conn.is_open() {
+            if idle.since.elapsed() >= self.settings.idle_timeout {
+                continue;
+            }
+            // Out of tokio's cooperative budget, a read would say "pending" without
+            // looking at the socket: the check runs outside the budget.
+            if tokio::task::unconstrained(poll_fn(|_| Poll::Ready(conn.is_open()))).await {
                 return Ok((conn, true));
             }
         }
@@ -254,26 +279,39 @@ impl HostPool {
     async fn connect(&self) -> Result<Conn, SendError> {
         let host = &*self.host;
         let name = || format!("{host}:{}", self.port);
-        let tcp = tokio::time::timeout(self.settings.connect_timeout, async {
-            let mut last = None;
-            let addrs = tokio::net::lookup_host((host, self.port)).await.map_err(|e| SendError::Resolve(name(), e))?;
-            for addr in addrs {
-                match TcpStream::connect(addr).await {
-                    Ok(s) => return Ok(s),
-                    Err(e) => last = Some(e),
+        // One deadline for the lookup, the TCP connect and the TLS handshake.
+        let deadline = tokio::time::Instant::now() + self.settings.connect_timeout;
+        let addrs: Vec<_> = tokio::time::timeout_at(deadline, tokio::net::lookup_host((host, self.port)))
+            .await
+            .map_err(|_| SendError::ConnectTimeout(name()))?
+            .map_err(|e| SendError::Resolve(name(), e))?
+            .collect();
+        let mut last = None;
+        let mut tcp = None;
+        for (i, addr) in addrs.iter().enumerate() {
+            // Each address gets an equal share of the time left, so one that drops
+            // packets (IPv6 on a dual-stack name, say) does not starve the others.
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let share = left / u32::try_from(addrs.len() - i).unwrap_or(u32::MAX);
+            match tokio::time::timeout(share, TcpStream::connect(addr)).await {
+                Ok(Ok(s)) => {
+                    tcp = Some(s);
+                    break;
                 }
+                Ok(Err(e)) => last = Some(SendError::Connect(name(), e)),
+                Err(_) => last = Some(SendError::ConnectTimeout(name())),
             }
-            let e = last.unwrap_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no addresses"));
-            Err(SendError::Connect(name(), e))
-        })
-        .await
-        .map_err(|_| SendError::ConnectTimeout(name()))??;
+        }
+        let Some(tcp) = tcp else {
+            let none = io::Error::new(io::ErrorKind::NotFound, "the name has no addresses");
+            return Err(last.unwrap_or_else(|| SendError::Resolve(name(), none)));
+        };
         // Requests are written whole; Nagle would only hold the last segment back.
         tcp.set_nodelay(true).map_err(|e| SendError::Connect(name(), e))?;
         let io = if self.https {
             let server = ServerName::try_from(host.to_owned())
                 .map_err(|e| SendError::Tls(name(), io::Error::new(io::ErrorKind::InvalidInput, e)))?;
-            let tls = tokio::time::timeout(self.settings.connect_timeout, self.settings.tls.connect(server, tcp))
+            let tls = tokio::time::timeout_at(deadline, self.settings.tls.connect(server, tcp))
                 .await
                 .map_err(|_| SendError::ConnectTimeout(name()))?
                 .map_err(|e| SendError::Tls(name(), e))?;
@@ -281,20 +319,23 @@ impl HostPool {
         } else {
             Io::Plain(tcp)
         };
-        Ok(Conn { io, buf: BytesMut::new() })
+        Ok(Conn { io, buf: BytesMut::new(), grown: false })
     }
 
     fn put(self: &Arc<Self>, mut conn: Conn) {
-        if conn.buf.capacity() > KEEP_BUFFER {
+        if conn.grown {
+            // `capacity()` shows only what is left after the frames cut off the
+            // front; the allocation behind it may be a large body's.
             conn.buf = BytesMut::new();
+            conn.grown = false;
         }
-        {
+        let oldest = {
             let mut idle = self.idle.lock();
-            if idle.len() >= self.settings.max_idle {
-                return;
-            }
+            let oldest = if idle.len() >= self.settings.max_idle { idle.pop_front() } else { None };
             idle.push_back(Idle { conn, since: Instant::now() });
-        }
+            oldest
+        };
+        drop(oldest);
         self.reaper.call_once(|| self.spawn_reaper());
     }
 
@@ -353,18 +394,17 @@ fn framing(
     if status == StatusCode::SWITCHING_PROTOCOLS {
         return Ok((Framing::Empty, false));
     }
-    if *method == Method::HEAD
-        || status.is_informational()
-        || status == StatusCode::NO_CONTENT
-        || status == StatusCode::NOT_MODIFIED
-    {
+    if *method == Method::HEAD || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
         return Ok((Framing::Empty, !close));
     }
     if headers.contains_key(TRANSFER_ENCODING) {
         let last = headers.get_all(TRANSFER_ENCODING).iter().next_back().map(HeaderValue::as_bytes).unwrap_or_default();
         let last = last.rsplit(|b| *b == b',').next().unwrap_or_default().trim_ascii();
+        // Both framings at once is how a response smuggles bytes past a proxy: this
+        // one is read by its chunks, and its connection is not used again.
+        let reusable = !close && !headers.contains_key(CONTENT_LENGTH);
         return Ok(if last.eq_ignore_ascii_case(b"chunked") {
-            (Framing::Chunked, !close)
+            (Framing::Chunked, reusable)
         } else {
             (Framing::Close, false)
         });
@@ -435,6 +475,8 @@ impl AsyncWrite for Io {
 struct Conn {
     io: Io,
     buf: BytesMut,
+    /// The buffer was grown past [`READ_SIZE`] for a large body.
+    grown: bool,
 }
 
 impl Conn {
@@ -452,23 +494,34 @@ impl Conn {
         self.io.flush().await.map_err(SendError::Io)
     }
 
-    /// Streams a body of unknown or large size, chunk-encoded if its length is unknown.
-    async fn write_body(&mut self, mut body: RequestBody, chunked: bool) -> Result<(), SendError> {
+    /// Streams a body of unknown or large size: chunk-encoded without a length,
+    /// checked against it with one (the length frames the next request too).
+    async fn write_body(&mut self, mut body: RequestBody, length: Option<u64>) -> Result<(), SendError> {
+        let mut sent = 0u64;
         while let Some(frame) = body.frame().await {
             let Ok(data) = frame.map_err(SendError::RequestBody)?.into_data() else { continue };
             if data.is_empty() {
                 continue;
             }
-            if chunked {
-                self.io.write_all(format!("{:x}\r\n", data.len()).as_bytes()).await.map_err(SendError::Io)?;
-                self.io.write_all(&data).await.map_err(SendError::Io)?;
-                self.io.write_all(b"\r\n").await.map_err(SendError::Io)?;
-            } else {
-                self.io.write_all(&data).await.map_err(SendError::Io)?;
+            sent += data.len() as u64;
+            match length {
+                Some(n) if sent > n => return Err(SendError::BodyLength),
+                Some(_) => self.io.write_all(&data).await.map_err(SendError::Io)?,
+                None => {
+                    let mut chunk = Vec::with_capacity(data.len() + 20);
+                    chunk.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
+                    chunk.extend_from_slice(&data);
+                    chunk.extend_from_slice(b"\r\n");
+                    self.io.write_all(&chunk).await.map_err(SendError::Io)?;
+                }
             }
+            // A client that uploads slowly: what it sent so far reaches the upstream.
+            self.io.flush().await.map_err(SendError::Io)?;
         }
-        if chunked {
-            self.io.write_all(b"0\r\n\r\n").await.map_err(SendError::Io)?;
+        match length {
+            Some(n) if sent != n => return Err(SendError::BodyLength),
+            Some(_) => {}
+            None => self.io.write_all(b"0\r\n\r\n").await.map_err(SendError::Io)?,
         }
         self.io.flush().await.map_err(SendError::Io)
     }
@@ -478,15 +531,21 @@ impl Conn {
         let want = want.clamp(READ_SIZE, READ_SIZE_MAX);
         if self.buf.capacity() - self.buf.len() < READ_SIZE {
             self.buf.reserve(want);
+            self.grown |= want > READ_SIZE;
         }
         tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.buf)
     }
 
     /// The response head, skipping interim (1xx) responses other than `101`.
     async fn read_head(&mut self) -> Result<Head, SendError> {
+        let mut interim = 0;
         loop {
             if let Some(head) = self.parse_head()? {
                 if head.status.is_informational() && head.status != StatusCode::SWITCHING_PROTOCOLS {
+                    interim += 1;
+                    if interim > MAX_INTERIM {
+                        return Err(SendError::Invalid("more than 16 interim responses"));
+                    }
                     continue;
                 }
                 return Ok(head);
@@ -623,6 +682,9 @@ impl ResponseBody {
             State::Close if buf.is_empty() => Step::Need(READ_SIZE as u64),
             State::Close => Step::Ready(Some(Ok(Frame::data(buf.split().freeze())))),
             State::ChunkSize => match find_line(buf) {
+                Some(end) if end > MAX_CHUNK_LINE => {
+                    Step::Ready(self.fail(BodyError::Invalid("a chunk-size line longer than 4 KiB")))
+                }
                 Some(end) => {
                     let digits = buf[..end].split(|b| *b == b';').next().unwrap_or_default().trim_ascii();
                     let Some(size) = parse_hex(digits) else {
@@ -632,8 +694,8 @@ impl ResponseBody {
                     self.state = if size == 0 { State::Trailers } else { State::ChunkData(size) };
                     Step::Again
                 }
-                None if buf.len() > MAX_HEAD => {
-                    Step::Ready(self.fail(BodyError::Invalid("a chunk-size line longer than 64 KiB")))
+                None if buf.len() > MAX_CHUNK_LINE => {
+                    Step::Ready(self.fail(BodyError::Invalid("a chunk-size line longer than 4 KiB")))
                 }
                 None => Step::Need(READ_SIZE as u64),
             },
@@ -992,10 +1054,88 @@ mod tests {
     async fn a_transfer_encoding_overrides_a_content_length_which_is_dropped() {
         const BOTH: &[u8] =
             b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\ntransfer-encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n";
-        let up = Scripted::start(vec![(BOTH, After::KeepOpen)], false).await;
-        let res = up.pool().send(&Method::POST, "/", &HeaderMap::new(), json("{}")).await.expect("response");
+        let up = Scripted::start(vec![(BOTH, After::KeepOpen), (OK_JSON, After::KeepOpen)], false).await;
+        let pool = up.pool();
+        let res = pool.send(&Method::POST, "/", &HeaderMap::new(), json("{}")).await.expect("response");
         assert!(!res.headers().contains_key(CONTENT_LENGTH));
         assert_eq!(read(res).await.expect("body").0, b"ok");
+        let res = pool.send(&Method::POST, "/", &HeaderMap::new(), json("{}")).await.expect("response");
+        read(res).await.expect("body");
+        assert_eq!(up.connections(), 2, "a response framed both ways is not trusted with another request");
+    }
+
+    /// A body whose declared length is not what it yields.
+    struct Lying {
+        declared: u64,
+        frames: VecDeque<Result<Bytes, BoxError>>,
+    }
+
+    impl Body for Lying {
+        type Data = Bytes;
+        type Error = BoxError;
+
+        fn poll_frame(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+            Poll::Ready(self.frames.pop_front().map(|f| f.map(Frame::data)))
+        }
+
+        fn size_hint(&self) -> SizeHint {
+            SizeHint::with_exact(self.declared)
+        }
+    }
+
+    fn lying(declared: u64, frames: Vec<Result<&'static str, &'static str>>) -> RequestBody {
+        let frames = frames.into_iter().map(|f| f.map(|d| Bytes::from_static(d.as_bytes())).map_err(BoxError::from));
+        RequestBody::new(Lying { declared, frames: frames.collect() })
+    }
+
+    #[tokio::test]
+    async fn a_body_longer_or_shorter_than_it_declared_is_refused_and_smuggles_nothing() {
+        let up = Scripted::start(vec![(OK_JSON, After::KeepOpen), (OK_JSON, After::KeepOpen)], false).await;
+        let pool = up.pool();
+        let smuggler = Ok("{}GET /smuggled HTTP/1.1\r\nhost: x\r\n\r\n");
+        let err =
+            pool.send(&Method::POST, "/", &HeaderMap::new(), lying(2, vec![smuggler])).await.expect_err("too long");
+        assert!(matches!(err, SendError::BodyLength), "{err}");
+        let err =
+            pool.send(&Method::POST, "/", &HeaderMap::new(), lying(3, vec![Ok("{}")])).await.expect_err("too short");
+        assert!(matches!(err, SendError::BodyLength), "{err}");
+        assert_eq!(up.requests().len(), 0, "nothing reached the upstream");
+        // Past the inline size the head goes first; the excess is refused before it is written.
+        let big = "x".repeat(INLINE_BODY as usize + 1);
+        let big: &'static str = Box::leak(big.into_boxed_str());
+        let declared = big.len() as u64;
+        let err = pool.send(&Method::POST, "/", &HeaderMap::new(), lying(declared, vec![Ok(big), smuggler])).await;
+        assert!(matches!(err, Err(SendError::BodyLength)), "{err:?}");
+        let res = pool.send(&Method::POST, "/", &HeaderMap::new(), json("{}")).await.expect("response");
+        read(res).await.expect("body");
+        let seen = up.requests();
+        assert!(seen.iter().all(|r| !r.contains("smuggled")), "{seen:?}");
+        assert_eq!(up.connections(), 2, "the half-sent request's connection was dropped");
+    }
+
+    #[tokio::test]
+    async fn a_request_body_that_fails_mid_upload_fails_the_call_at_once() {
+        let up = Scripted::start(vec![(OK_JSON, After::KeepOpen)], false).await;
+        let pool = up.pool();
+        let parts: Vec<Result<Frame<Bytes>, BoxError>> =
+            vec![Ok(Frame::data(Bytes::from_static(b"{\"a\":"))), Err("the client hung up".into())];
+        let body = RequestBody::new(StreamBody::new(futures_util::stream::iter(parts)));
+        let no_headers = HeaderMap::new();
+        let sent = tokio::time::timeout(Duration::from_secs(5), pool.send(&Method::POST, "/", &no_headers, body));
+        let err = sent.await.expect("not left waiting for a response").expect_err("the body failed");
+        assert!(matches!(err, SendError::RequestBody(_)), "{err}");
+    }
+
+    #[test]
+    fn the_host_header_is_the_host_and_a_port_other_than_the_schemes() {
+        let host = |https, authority: &str| {
+            let pool = HostPool::new(https, &authority.parse().expect("authority"), settings(webpki()));
+            pool.host_header.to_str().expect("ascii").to_owned()
+        };
+        assert_eq!(host(true, "user:secret@api.example.com"), "api.example.com");
+        assert_eq!(host(true, "api.example.com:443"), "api.example.com");
+        assert_eq!(host(false, "api.example.com:443"), "api.example.com:443");
+        assert_eq!(host(false, "[::1]:8080"), "[::1]:8080");
     }
 
     #[tokio::test]
