@@ -111,6 +111,8 @@ pub(crate) enum SendError {
     RequestBody(#[source] BoxError),
     #[error("the request body's length differs from the one it declared")]
     BodyLength,
+    #[error("the upstream answered before the request was sent whole")]
+    Answered,
 }
 
 /// A TLS client that trusts `roots` and offers HTTP/1.1 only.
@@ -194,7 +196,7 @@ impl HostPool {
             Ok(()) => {}
             // An upstream may answer (413, say) and close before reading a whole
             // upload: its answer is still the one to pass on.
-            Err(e @ SendError::Io(_)) => {
+            Err(e @ (SendError::Io(_) | SendError::Answered)) => {
                 return match conn.read_head().await {
                     Ok(head) => self.response(conn, head, method, false),
                     Err(_) => Err(e),
@@ -506,24 +508,49 @@ impl Conn {
             sent += data.len() as u64;
             match length {
                 Some(n) if sent > n => return Err(SendError::BodyLength),
-                Some(_) => self.io.write_all(&data).await.map_err(SendError::Io)?,
+                Some(_) => self.write_watching(&data).await?,
                 None => {
                     let mut chunk = Vec::with_capacity(data.len() + 20);
                     chunk.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
                     chunk.extend_from_slice(&data);
                     chunk.extend_from_slice(b"\r\n");
-                    self.io.write_all(&chunk).await.map_err(SendError::Io)?;
+                    self.write_watching(&chunk).await?;
                 }
             }
-            // A client that uploads slowly: what it sent so far reaches the upstream.
-            self.io.flush().await.map_err(SendError::Io)?;
         }
         match length {
-            Some(n) if sent != n => return Err(SendError::BodyLength),
-            Some(_) => {}
-            None => self.io.write_all(b"0\r\n\r\n").await.map_err(SendError::Io)?,
+            Some(n) if sent != n => Err(SendError::BodyLength),
+            Some(_) => Ok(()),
+            None => self.write_watching(b"0\r\n\r\n").await,
         }
-        self.io.flush().await.map_err(SendError::Io)
+    }
+
+    /// Writes `bytes` and flushes them (a slow upload reaches the upstream as it
+    /// comes), unless the upstream answers first: one may answer (413, say) before it
+    /// has read a whole upload and stop reading, and writing on would wait out the
+    /// response timeout.
+    async fn write_watching(&mut self, bytes: &[u8]) -> Result<(), SendError> {
+        let mut left = bytes;
+        poll_fn(|cx| {
+            loop {
+                match self.poll_fill(cx, READ_SIZE) {
+                    Poll::Ready(Ok(0)) => return Poll::Ready(Err(SendError::Io(io::ErrorKind::UnexpectedEof.into()))),
+                    Poll::Ready(Ok(_)) => return Poll::Ready(Err(SendError::Answered)),
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(SendError::Io(e))),
+                    Poll::Pending => {}
+                }
+                if left.is_empty() {
+                    return Pin::new(&mut self.io).poll_flush(cx).map_err(SendError::Io);
+                }
+                match Pin::new(&mut self.io).poll_write(cx, left) {
+                    Poll::Ready(Ok(0)) => return Poll::Ready(Err(SendError::Io(io::ErrorKind::WriteZero.into()))),
+                    Poll::Ready(Ok(n)) => left = &left[n..],
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(SendError::Io(e))),
+                    Poll::Pending => return Poll::Pending,
+                }
+            }
+        })
+        .await
     }
 
     /// Reads more bytes into the buffer; `Ok(0)` is the end of the connection.
@@ -1124,6 +1151,37 @@ mod tests {
         let sent = tokio::time::timeout(Duration::from_secs(5), pool.send(&Method::POST, "/", &no_headers, body));
         let err = sent.await.expect("not left waiting for a response").expect_err("the body failed");
         assert!(matches!(err, SendError::RequestBody(_)), "{err}");
+    }
+
+    #[tokio::test]
+    async fn an_answer_before_the_upload_ends_is_passed_on_at_once() {
+        // The upstream reads the head, answers 413 and reads no more, keeping the
+        // connection open: 16 MiB is more than the sockets' buffers hold.
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.expect("accept");
+            let mut head = Vec::new();
+            while !head.ends_with(b"\r\n\r\n") {
+                let mut byte = [0u8; 1];
+                socket.read_exact(&mut byte).await.expect("the head");
+                head.push(byte[0]);
+            }
+            socket
+                .write_all(b"HTTP/1.1 413 Payload Too Large\r\ncontent-length: 9\r\n\r\ntoo large")
+                .await
+                .expect("write");
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            drop(socket);
+        });
+        let pool = HostPool::new(false, &addr.to_string().parse().expect("authority"), settings(webpki()));
+        let body = RequestBody::new(Full::new(Bytes::from(vec![b'x'; 16 << 20])));
+        let no_headers = HeaderMap::new();
+        let sent = tokio::time::timeout(Duration::from_secs(10), pool.send(&Method::POST, "/", &no_headers, body));
+        let res = sent.await.expect("not left writing to an upstream that stopped reading").expect("its answer");
+        assert_eq!(res.status(), StatusCode::PAYLOAD_TOO_LARGE);
+        assert_eq!(read(res).await.expect("body").0, b"too large");
+        assert!(pool.idle.lock().is_empty(), "a connection with half an upload on it is not reused");
     }
 
     #[test]
