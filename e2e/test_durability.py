@@ -60,6 +60,34 @@ def test_a_restarted_gateway_replays_from_the_same_sqlite_file(mock, gateways, t
     assert mock.calls() == 2, "nothing ran again after the restart"
 
 
+def test_a_graceful_stop_waits_for_a_call_whose_client_hung_up(mock, gateways, tmp_path):
+    store = f"sqlite://{tmp_path / 'drain.db'}"
+    gateway = gateways.start(store=store)
+    key = new_key("drain")
+    body = chat_body(f"finish me {uuid.uuid4()}")
+
+    # The client gives up on a slow generation; the gateway reads on to record it.
+    slow = openai_headers(key, **{"x-mock-delay-ms": "1500"})
+    try:
+        gateway.post(CHAT_PATH, body=body, headers=slow, timeout=0.3)
+        raise AssertionError("the client was meant to time out")
+    except httpx.TimeoutException:
+        pass
+    mock.wait_for_calls(1)
+
+    # SIGTERM now: the gateway has no open connection left, but it waits for that
+    # call, whose result the upstream is producing, and records it before it exits.
+    started = time.monotonic()
+    assert gateway.stop() == 0, "SIGTERM is a graceful stop"
+    assert time.monotonic() - started > 0.8, "it waited for the call"
+
+    restarted = gateways.start(store=store)
+    retry = restarted.post(CHAT_PATH, body=body, headers=openai_headers(key))
+    assert retry.status_code == 200, retry.text
+    assert retry.headers["idempotent-replayed"] == "true", "the retry gets the recorded result"
+    assert mock.calls() == 1, "and nothing ran twice"
+
+
 def test_a_purge_from_the_cli_ends_replays_the_gateway_keeps_in_memory(mock, gateways, idemgate_bin, tmp_path):
     # The gateway answers replays of a record it has found from memory; `idemgate purge`
     # is another process on the same file, and the next request must execute again.

@@ -78,6 +78,20 @@ impl Proxy {
         Ok(Self { routes: built.into() })
     }
 
+    /// Waits until every route's calls that run on after their requests (an owner
+    /// whose client hung up, a stream still being recorded) have ended: see
+    /// [`IdempotencyLayer::drain`](idemgate::IdempotencyLayer::drain).
+    pub async fn drain(&self) {
+        for (_, svc) in self.routes.iter() {
+            svc.drain().await;
+        }
+    }
+
+    /// How many such calls are running, over every route.
+    pub fn running_on(&self) -> usize {
+        self.routes.iter().map(|(_, svc)| svc.running_on()).sum()
+    }
+
     fn route(&self, path: &str) -> Option<&Idempotency<Upstream>> {
         self.routes.iter().find(|(r, _)| r.matches(path)).map(|(_, svc)| svc)
     }

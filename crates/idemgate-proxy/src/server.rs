@@ -24,9 +24,22 @@ use crate::route::Proxy;
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
 /// Serves the proxy on `listener` until `shutdown` resolves, then stops accepting and
-/// waits up to [`SHUTDOWN_GRACE`] for open connections to finish.
+/// waits up to [`SHUTDOWN_GRACE`] for open connections to finish, and up to as long
+/// again for the calls that outlived their clients (an owner whose client hung up, a
+/// stream still being recorded), so that what the upstream produced is recorded.
 pub async fn serve(listener: TcpListener, proxy: Proxy, shutdown: impl Future<Output = ()>) {
-    accept_loop(listener, proxy, shutdown).await;
+    accept_loop(listener, proxy.clone(), shutdown).await;
+    let running = proxy.running_on();
+    if running > 0 {
+        tracing::info!(target: "idemgate::server", calls = running, "waiting for calls that outlived their clients");
+    }
+    if tokio::time::timeout(SHUTDOWN_GRACE, proxy.drain()).await.is_err() {
+        tracing::warn!(
+            target: "idemgate::server",
+            calls = proxy.running_on(),
+            "calls still running after {SHUTDOWN_GRACE:?}; their leases will run out and retries will run them again"
+        );
+    }
 }
 
 /// What the admin listener serves.

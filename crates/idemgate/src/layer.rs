@@ -40,6 +40,7 @@ use http_body::{Body, Frame};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use tokio::sync::{mpsc, oneshot};
+use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 use tower_layer::Layer;
 use tower_service::Service;
@@ -139,6 +140,11 @@ struct Shared {
     policy: Policy,
     flights: Flights,
     meters: OnceLock<Arc<m::Meters>>,
+    /// The calls that run on after their request is answered or gone (an owner
+    /// whose client hung up, a stream still being read and recorded, its live log):
+    /// a graceful shutdown waits for them, or their results would be lost after the
+    /// upstream did the work.
+    owners: TaskTracker,
 }
 
 impl Shared {
@@ -158,12 +164,38 @@ impl IdempotencyLayer {
 
     /// A layer over `store` with `policy`.
     pub fn with_policy(store: Arc<dyn Store>, policy: Policy) -> Self {
-        Self { shared: Arc::new(Shared { store, policy, flights: Flights::default(), meters: OnceLock::new() }) }
+        let owners = TaskTracker::new();
+        Self {
+            shared: Arc::new(Shared { store, policy, flights: Flights::default(), meters: OnceLock::new(), owners }),
+        }
     }
 
     /// The policy in force.
     pub fn policy(&self) -> &Policy {
         &self.shared.policy
+    }
+
+    /// Waits until every call of this layer that runs on after its request (an
+    /// owner whose client hung up, a stream still being read and recorded) has ended
+    /// and been recorded or released. For a graceful shutdown, once no new requests
+    /// come in: exiting earlier would drop results the upstream already produced, and
+    /// the retries would run them again once the leases ran out.
+    pub async fn drain(&self) {
+        self.shared.drain().await;
+    }
+
+    /// How many such calls are running.
+    pub fn running_on(&self) -> usize {
+        self.shared.owners.len()
+    }
+}
+
+impl Shared {
+    async fn drain(&self) {
+        self.owners.close();
+        self.owners.wait().await;
+        // Ready for more, should requests keep coming after all.
+        self.owners.reopen();
     }
 }
 
@@ -194,6 +226,18 @@ pub struct Idempotency<S> {
 impl<S> std::fmt::Debug for Idempotency<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Idempotency").field("route", &self.shared.policy.route()).finish_non_exhaustive()
+    }
+}
+
+impl<S> Idempotency<S> {
+    /// [`IdempotencyLayer::drain`] for the layer this service came from.
+    pub async fn drain(&self) {
+        self.shared.drain().await;
+    }
+
+    /// [`IdempotencyLayer::running_on`] for the layer this service came from.
+    pub fn running_on(&self) -> usize {
+        self.shared.owners.len()
     }
 }
 
@@ -514,7 +558,7 @@ where
     ResBody::Error: Into<BoxError>,
 {
     let (head_tx, head_rx) = oneshot::channel::<Head<S::Error>>();
-    let mut owner = Detached::new(own(shared.clone(), inner, req, lease, head_tx));
+    let mut owner = Detached::new(own(shared.clone(), inner, req, lease, head_tx), shared.owners.clone());
     let head = owner.drive_until(head_rx).await;
     drop(owner);
     match head {
@@ -535,11 +579,11 @@ where
 /// wake-up of another thread. Whatever is left of it when this is dropped (a stream,
 /// which the owner reads on after its head, or the whole call when the client hung up)
 /// is spawned, so the call still runs to its end and is recorded.
-struct Detached(Option<Pin<Box<dyn Future<Output = ()> + Send>>>);
+struct Detached(Option<Pin<Box<dyn Future<Output = ()> + Send>>>, TaskTracker);
 
 impl Detached {
-    fn new(owner: impl Future<Output = ()> + Send + 'static) -> Self {
-        Self(Some(Box::pin(owner)))
+    fn new(owner: impl Future<Output = ()> + Send + 'static, tracker: TaskTracker) -> Self {
+        Self(Some(Box::pin(owner)), tracker)
     }
 
     /// Polls the owner until `rx` has its answer. A panic in the owner is caught here,
@@ -568,7 +612,7 @@ impl Drop for Detached {
         if let Some(owner) = self.0.take()
             && let Ok(runtime) = tokio::runtime::Handle::try_current()
         {
-            runtime.spawn(owner);
+            self.1.spawn_on(owner, &runtime);
         }
     }
 }
@@ -655,7 +699,7 @@ async fn own<S, ResBody>(
         // Duplicates on other gateway processes follow the stream through the store.
         log = joinable.then(|| {
             let head = LiveHead { status: parts.status.as_u16(), headers: headers.clone() };
-            LogWriter::start(store.clone(), lease.clone(), head)
+            LogWriter::start(store.clone(), lease.clone(), head, &shared.owners)
         });
         let mut recording = keep.then(|| match stream {
             true => Recording::stream(protocol, flight.clone()),

@@ -15,6 +15,7 @@ use bytes::Bytes;
 use futures_util::Stream;
 use http_body::Frame;
 use tokio::sync::{mpsc, oneshot};
+use tokio_util::task::TaskTracker;
 
 use crate::clock::Timestamp;
 use crate::error::BoxError;
@@ -47,9 +48,9 @@ impl LogWriter {
     /// the client's first byte never waits for the store. If the store does not share
     /// live logs, or the log cannot be opened, the task drains and drops the chunks
     /// (followers elsewhere then wait for the stored record instead).
-    pub(crate) fn start(store: Arc<dyn Store>, lease: Lease, head: LiveHead) -> Self {
+    pub(crate) fn start(store: Arc<dyn Store>, lease: Lease, head: LiveHead, tracker: &TaskTracker) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(write(store, lease, head, rx));
+        tracker.spawn(write(store, lease, head, rx));
         Self { tx }
     }
 

@@ -292,6 +292,33 @@ async fn dropped_response_future_still_completes_and_is_replayed() {
     assert_eq!(upstream.calls(), 1);
 }
 
+/// A graceful shutdown waits for the calls whose clients hung up: their results
+/// were paid for upstream, and dropping them would make the retries run them again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_waits_for_calls_whose_clients_hung_up() {
+    let upstream = Upstream::default();
+    let policy = Policy::default().with_max_wait(Duration::ZERO);
+    let layer = IdempotencyLayer::with_policy(Arc::new(MemoryStore::new()), policy);
+    let svc: Svc = tower::util::BoxCloneSyncService::new(layer.layer(upstream.service()));
+    let mut r = req("drain", BODY);
+    r.headers_mut().insert("x-delay-ms", "300".parse().unwrap());
+    let timed_out = tokio::time::timeout(Duration::from_millis(50), svc.clone().oneshot(r)).await;
+    assert!(timed_out.is_err(), "the client hung up mid-call");
+    assert_eq!(layer.running_on(), 1, "its call runs on");
+    // Still running: a duplicate that may not wait is told so.
+    assert_eq!(send(&svc, req("drain", BODY)).await.status, 409);
+
+    tokio::time::timeout(Duration::from_secs(5), layer.drain()).await.expect("the call ends");
+    assert_eq!(upstream.finished.load(Ordering::SeqCst), 1, "drain returned once the call was done");
+    assert_eq!(layer.running_on(), 0);
+    let retry = send(&svc, req("drain", BODY)).await;
+    assert_eq!((retry.status, replayed(&retry)), (StatusCode::OK, "true"), "and recorded");
+    assert_eq!(upstream.calls(), 1);
+    // Nothing left: a second drain returns at once, and the layer keeps serving.
+    tokio::time::timeout(Duration::from_millis(100), layer.drain()).await.expect("nothing to wait for");
+    assert_eq!(send(&svc, req("after", BODY)).await.status, 200);
+}
+
 #[tokio::test]
 async fn a_panic_in_the_call_is_a_500_and_the_key_is_not_stored() {
     let policy = Policy::default().with_lease(Duration::from_millis(200)).with_max_wait(Duration::ZERO);
