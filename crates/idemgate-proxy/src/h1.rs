@@ -4,7 +4,7 @@
 //! Why not hyper's pooled client: it runs every connection as a task of its own and
 //! hands each request, response head and body frame to and from that task through
 //! channels. On the 2-core machine the benchmarks run on, those hand-offs cost more
-//! CPU than the rest of a proxied miss (BENCHMARKS.md, "A client of our own"). Here
+//! CPU than the rest of a proxied miss (BENCHMARKS.md, the fourth session's run). Here
 //! the caller writes the request and reads the response head itself; the response
 //! body reads the connection as it is polled and puts it back in the pool once it has
 //! been read to its end.
@@ -32,10 +32,11 @@ use http_body_util::BodyExt;
 use idemgate::{BoxError, RequestBody};
 use parking_lot::Mutex;
 use rustls::pki_types::ServerName;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
+use tokio_util::either::Either;
 
 /// A request body up to this size is written with its head in one `write(2)`.
 const INLINE_BODY: u64 = 64 * 1024;
@@ -130,12 +131,11 @@ impl HostPool {
     /// A pool for `authority` over http or https.
     pub(crate) fn new(https: bool, authority: &http::uri::Authority, settings: Settings) -> Arc<Self> {
         let host = authority.host().trim_start_matches('[').trim_end_matches(']');
-        let port = authority.port_u16().unwrap_or(if https { 443 } else { 80 });
+        let default_port = if https { 443 } else { 80 };
+        let port = authority.port_u16().unwrap_or(default_port);
         // The host and a port other than the scheme's, never the URL's user info.
-        let host_header = match authority.port_u16() {
-            Some(p) if p != if https { 443 } else { 80 } => format!("{}:{p}", authority.host()),
-            _ => authority.host().to_owned(),
-        };
+        let host_header =
+            if port == default_port { authority.host().to_owned() } else { format!("{}:{port}", authority.host()) };
         let host_header = HeaderValue::from_str(&host_header).unwrap_or_else(|_| HeaderValue::from_static(""));
         Arc::new(Self {
             https,
@@ -317,9 +317,9 @@ impl HostPool {
                 .await
                 .map_err(|_| SendError::ConnectTimeout(name()))?
                 .map_err(|e| SendError::Tls(name(), e))?;
-            Io::Tls(Box::new(tls))
+            Either::Right(Box::new(tls))
         } else {
-            Io::Plain(tcp)
+            Either::Left(tcp)
         };
         Ok(Conn { io, buf: BytesMut::new(), grown: false })
     }
@@ -436,42 +436,7 @@ fn parse_decimal(digits: &[u8]) -> Option<u64> {
 }
 
 /// The transport under a connection.
-enum Io {
-    Plain(TcpStream),
-    Tls(Box<TlsStream<TcpStream>>),
-}
-
-impl AsyncRead for Io {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Io::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            Io::Tls(s) => Pin::new(&mut **s).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for Io {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Io::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            Io::Tls(s) => Pin::new(&mut **s).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Io::Plain(s) => Pin::new(s).poll_flush(cx),
-            Io::Tls(s) => Pin::new(&mut **s).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Io::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            Io::Tls(s) => Pin::new(&mut **s).poll_shutdown(cx),
-        }
-    }
-}
+type Io = Either<TcpStream, Box<TlsStream<TcpStream>>>;
 
 /// One connection and the bytes read from it that nobody has taken yet.
 struct Conn {
@@ -680,9 +645,7 @@ impl ResponseBody {
             pool.put(conn);
         }
     }
-}
 
-impl ResponseBody {
     /// Takes what the buffer holds of the body: a frame or the end to hand out, or
     /// how many more bytes are wanted.
     fn step(&mut self) -> Step {

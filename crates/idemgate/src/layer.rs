@@ -154,6 +154,14 @@ impl Shared {
             Arc::new(m::Meters::new(&self.policy.route, self.store.backend(), self.policy.prices.clone()))
         })
     }
+
+    /// Waits for the tracked calls; see [`IdempotencyLayer::drain`].
+    async fn drain(&self) {
+        self.owners.close();
+        self.owners.wait().await;
+        // Ready for more, should requests keep coming after all.
+        self.owners.reopen();
+    }
 }
 
 impl IdempotencyLayer {
@@ -187,15 +195,6 @@ impl IdempotencyLayer {
     /// How many such calls are running.
     pub fn running_on(&self) -> usize {
         self.shared.owners.len()
-    }
-}
-
-impl Shared {
-    async fn drain(&self) {
-        self.owners.close();
-        self.owners.wait().await;
-        // Ready for more, should requests keep coming after all.
-        self.owners.reopen();
     }
 }
 
@@ -558,7 +557,7 @@ where
     ResBody::Error: Into<BoxError>,
 {
     let (head_tx, head_rx) = oneshot::channel::<Head<S::Error>>();
-    let mut owner = Detached::new(own(shared.clone(), inner, req, lease, head_tx), shared.owners.clone());
+    let mut owner = Detached::new(own(shared.clone(), inner, req, lease, head_tx), &shared.owners);
     let head = owner.drive_until(head_rx).await;
     drop(owner);
     match head {
@@ -579,10 +578,10 @@ where
 /// wake-up of another thread. Whatever is left of it when this is dropped (a stream,
 /// which the owner reads on after its head, or the whole call when the client hung up)
 /// is spawned, so the call still runs to its end and is recorded.
-struct Detached(Option<Pin<Box<dyn Future<Output = ()> + Send>>>, TaskTracker);
+struct Detached<'a>(Option<Pin<Box<dyn Future<Output = ()> + Send>>>, &'a TaskTracker);
 
-impl Detached {
-    fn new(owner: impl Future<Output = ()> + Send + 'static, tracker: TaskTracker) -> Self {
+impl<'a> Detached<'a> {
+    fn new(owner: impl Future<Output = ()> + Send + 'static, tracker: &'a TaskTracker) -> Self {
         Self(Some(Box::pin(owner)), tracker)
     }
 
@@ -607,7 +606,7 @@ impl Detached {
     }
 }
 
-impl Drop for Detached {
+impl Drop for Detached<'_> {
     fn drop(&mut self) {
         if let Some(owner) = self.0.take()
             && let Ok(runtime) = tokio::runtime::Handle::try_current()
