@@ -1,7 +1,7 @@
 //! The statements behind each store operation, and rows read back as records.
 //!
-//! Every function here runs on the writer thread, inside the batch transaction and
-//! the operation's own savepoint, so a read followed by a write is atomic: nothing
+//! Every function here runs on the writer thread, inside the batch transaction (and
+//! the operation's own savepoint), so a read followed by a write is atomic: nothing
 //! else writes the file in between (other processes wait for the `IMMEDIATE` lock).
 
 use std::time::Duration;

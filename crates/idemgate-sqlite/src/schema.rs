@@ -76,6 +76,9 @@ pub(crate) fn open(path: Option<&Path>) -> Result<Connection, StoreError> {
     // database") do not.
     let name = path.map_or_else(|| ":memory:".to_owned(), |p| p.display().to_string());
     configure(&conn, &name, path.is_some())?;
+    // Room for every statement the writer runs (ten operations, six for framing the
+    // batches): an evicted one would be parsed again on its next use.
+    conn.set_prepared_statement_cache_capacity(32);
     migrate(&mut conn, &name)?;
     Ok(conn)
 }
