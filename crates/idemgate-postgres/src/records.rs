@@ -132,7 +132,22 @@ pub(crate) async fn complete(
         )
         .await
         .map_err(pg_error("postgres cannot store a response"))?;
-    fenced(changed)
+    fenced(changed)?;
+    notify(client, sql, &lease.key).await;
+    Ok(())
+}
+
+/// Wakes the waiters of `key` after a change that committed without notifying (see
+/// the `sql` module). The change stands either way: if the notification is lost, the
+/// waiters find it when they poll.
+async fn notify(client: &ClientWrapper, sql: &Sql, key: &StorageKey) {
+    let sent = async {
+        let stmt = prepare(client, &sql.notify).await?;
+        client.execute(&stmt, &[&key.to_hex()]).await.map_err(pg_error("postgres cannot notify waiters"))
+    };
+    if let Err(e) = sent.await {
+        tracing::warn!(target: "idemgate::store", key = %key.short(), error = %e, "waiters will find the record when they poll");
+    }
 }
 
 /// Deletes the in-flight record of `lease`.
