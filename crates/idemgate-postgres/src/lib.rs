@@ -86,18 +86,17 @@
 //! - **A lease dropped without `complete` or `release`** (the owner crashed) runs out
 //!   at its `lease_until`; the next claim of the same request takes it over, and the
 //!   old owner's token is fenced out. The key stays bound to its request until then.
-//! - **Waiters.** `release`, `purge` and the live-log writes send `pg_notify` on the
-//!   channel `idemgate` (or `idemgate.<schema>`) with the key, in the same statement,
-//!   so it is delivered when the change commits. `complete`, on every miss's path,
-//!   notifies right after its commit instead, in a statement whose own commit does not
+//! - **Waiters.** `release` and `purge` send `pg_notify` on the channel `idemgate` (or
+//!   `idemgate.<schema>`) with the key, in the same statement, so it is delivered when
+//!   the change commits. `complete` (on every miss's path) and the live-log writes
+//!   notify right after their commit instead, in a statement whose own commit does not
 //!   wait for the WAL flush: a notifying transaction holds a server-wide lock until its
-//!   commit is flushed, which made completes run one flush at a time (misses/s +30–55
-//!   % without it, interleaved A/B). If that notification is lost, the waiters find the record when
-//!   they poll. Each store runs
-//!   one task that `LISTEN`s on a dedicated connection and wakes the local
-//!   [`Store::watch`]ers; it reconnects with backoff, listens again, and then wakes
-//!   every waiter once, since it may have missed changes meanwhile. The task stops
-//!   when the last handle of the store is dropped.
+//!   commit is flushed, which made them run one flush at a time (misses/s +30–55 %
+//!   without it, interleaved A/B). If that notification is lost, the waiters find the
+//!   change when they poll. Each store runs one task that `LISTEN`s on a dedicated
+//!   connection and wakes the local [`Store::watch`]ers; it reconnects with backoff,
+//!   listens again, and then wakes every waiter once, since it may have missed
+//!   changes meanwhile. The task stops when the last handle of the store is dropped.
 //! - **Live logs** of streamed responses are shared: a duplicate on another gateway
 //!   follows the stream while it runs (`idemgate_live`, `idemgate_live_chunks`). An
 //!   ended log is kept for [`LIVE_LOG_LINGER`]; the log of an owner that died is swept

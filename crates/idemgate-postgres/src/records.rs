@@ -140,7 +140,7 @@ pub(crate) async fn complete(
 /// Wakes the waiters of `key` after a change that committed without notifying (see
 /// the `sql` module). The change stands either way: if the notification is lost, the
 /// waiters find it when they poll.
-async fn notify(client: &ClientWrapper, sql: &Sql, key: &StorageKey) {
+pub(crate) async fn notify(client: &ClientWrapper, sql: &Sql, key: &StorageKey) {
     let sent = async {
         let stmt = prepare(client, &sql.notify).await?;
         client.execute(&stmt, &[&key.to_hex()]).await.map_err(pg_error("postgres cannot notify waiters"))

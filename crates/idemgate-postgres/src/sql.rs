@@ -6,12 +6,13 @@
 //! reads back equal to what it returned. Every statement that changes a key's state
 //! for its waiters ends in `pg_notify`, in the same statement, so the notification
 //! is sent exactly when the change commits and never for a change that did not
-//! happen — except a complete, which every miss runs. A transaction that notifies
-//! holds a server-wide lock from its commit until that commit is flushed, so
-//! notifying completes ran one WAL flush at a time. A complete commits on its own and
-//! `NOTIFY` follows, in a transaction whose commit does not wait for the flush
-//! (interleaved A/B on the benchmark VM: 1.1–1.3k → 1.6–1.9k misses/s); should that
-//! notification be lost, the waiters find the record when they poll.
+//! happen — except the writes on a call's own path: a complete, which every miss
+//! runs, and the live-log writes of a stream. A transaction that notifies holds a
+//! server-wide lock from its commit until that commit is flushed, so notifying
+//! writes ran one WAL flush at a time. These commit on their own and `NOTIFY`
+//! follows, in a transaction whose commit does not wait for the flush (interleaved
+//! A/B on the benchmark VM: 1.1–1.3k → 1.6–1.9k misses/s); should that notification
+//! be lost, the waiters find the change when they poll.
 //!
 //! Under `READ COMMITTED`, an `UPDATE` or `DELETE` that finds its row changed by a
 //! concurrent transaction re-checks its `WHERE` against the new row version:
@@ -150,7 +151,7 @@ SELECT count(*) FROM gone";
 /// Opens (or replaces) the live log, fenced by the record ($1 key, $2 token, $3
 /// status, $4 encoded headers, $5 ms until an unended log may be swept). The record
 /// row stays share-locked until the statement commits, so no takeover slips between
-/// the check and the write.
+/// the check and the write. `NOTIFY` follows once it has committed.
 const LIVE_BEGIN: &str = "WITH {clock}, fence AS (
     SELECT key FROM {s}idemgate_records WHERE key = $1 AND state = 'in_flight' AND token = $2 FOR SHARE
 ), old_chunks AS (
@@ -163,10 +164,11 @@ const LIVE_BEGIN: &str = "WITH {clock}, fence AS (
         expires_at = excluded.expires_at
     RETURNING key
 )
-SELECT pg_notify('{channel}', encode(key, 'hex')) FROM log";
+SELECT key FROM log";
 
 /// Appends chunks $4 numbered from $3, fenced by the record and the log ($1 key, $2
-/// token); chunk numbers already present are left as they are.
+/// token); chunk numbers already present are left as they are. `NOTIFY` follows once
+/// it has committed.
 const LIVE_APPEND: &str = "WITH fence AS (
     SELECT l.key FROM {s}idemgate_live l JOIN {s}idemgate_records r ON r.key = l.key
     WHERE l.key = $1 AND l.token = $2 AND l.ended IS NULL AND r.state = 'in_flight' AND r.token = $2
@@ -176,17 +178,18 @@ const LIVE_APPEND: &str = "WITH fence AS (
     SELECT fence.key, $3::bigint + c.ord - 1, c.data FROM fence, unnest($4::bytea[]) WITH ORDINALITY AS c(data, ord)
     ON CONFLICT (key, seq) DO NOTHING
 )
-SELECT pg_notify('{channel}', encode(key, 'hex')) FROM fence";
+SELECT key FROM fence";
 
 /// Ends the live log, fenced by its own token only ($1 key, $2 token, $3 how, $4
-/// linger in ms). Ending it again the same way is a no-op that succeeds.
+/// linger in ms). Ending it again the same way is a no-op that succeeds. `NOTIFY`
+/// follows once it has committed.
 const LIVE_END: &str = "WITH {clock}, ended AS (
     UPDATE {s}idemgate_live l SET ended = $3, expires_at = clock.t + $4::bigint * interval '1 millisecond'
     FROM clock
     WHERE l.key = $1 AND l.token = $2 AND (l.ended IS NULL OR l.ended = $3)
     RETURNING l.key
 )
-SELECT pg_notify('{channel}', encode(key, 'hex')) FROM ended";
+SELECT key FROM ended";
 
 /// The live log of $1 with its chunks from number $2 on, unless it has expired. One
 /// statement, so the head, the chunks and the end are one consistent snapshot.
