@@ -16,7 +16,7 @@ use idemgate::{Lease, StorageKey, StoreError, StoredResponse, Timestamp, Token};
 use uuid::Uuid;
 
 use crate::pool::pg_error;
-use crate::records::{corrupt, duration_ms, fenced, get, notify, prepare, uuid};
+use crate::records::{corrupt, duration_ms, fenced_then_notify, get, prepare, uuid};
 use crate::sql::Sql;
 
 /// Opens the log of `lease`, replacing any earlier log of the key.
@@ -38,9 +38,7 @@ pub(crate) async fn begin(client: &ClientWrapper, sql: &Sql, lease: &Lease, head
         )
         .await
         .map_err(pg_error("postgres cannot open a live log"))?;
-    fenced(changed)?;
-    notify(client, sql, &lease.key).await;
-    Ok(())
+    fenced_then_notify(client, sql, &lease.key, changed).await
 }
 
 /// Appends `chunks` as numbers `first`, `first + 1`, ...
@@ -59,9 +57,7 @@ pub(crate) async fn append(
         .execute(&stmt, &[&&lease.key.as_bytes()[..], &uuid(lease.token), &first, &data])
         .await
         .map_err(pg_error("postgres cannot append to a live log"))?;
-    fenced(changed)?;
-    notify(client, sql, &lease.key).await;
-    Ok(())
+    fenced_then_notify(client, sql, &lease.key, changed).await
 }
 
 /// Ends the log of `lease` as `end`.
@@ -74,9 +70,7 @@ pub(crate) async fn end(client: &ClientWrapper, sql: &Sql, lease: &Lease, end: L
         )
         .await
         .map_err(pg_error("postgres cannot end a live log"))?;
-    fenced(changed)?;
-    notify(client, sql, &lease.key).await;
-    Ok(())
+    fenced_then_notify(client, sql, &lease.key, changed).await
 }
 
 /// The log of `key` from chunk number `from` on.

@@ -132,22 +132,27 @@ pub(crate) async fn complete(
         )
         .await
         .map_err(pg_error("postgres cannot store a response"))?;
-    fenced(changed)?;
-    notify(client, sql, &lease.key).await;
-    Ok(())
+    fenced_then_notify(client, sql, &lease.key, changed).await
 }
 
-/// Wakes the waiters of `key` after a change that committed without notifying (see
-/// the `sql` module). The change stands either way: if the notification is lost, the
-/// waiters find it when they poll.
-pub(crate) async fn notify(client: &ClientWrapper, sql: &Sql, key: &StorageKey) {
+/// [`fenced`] for a change that committed without notifying (see the `sql` module),
+/// then wakes the waiters of `key`. The change stands either way: if the
+/// notification is lost, the waiters find it when they poll.
+pub(crate) async fn fenced_then_notify(
+    client: &ClientWrapper,
+    sql: &Sql,
+    key: &StorageKey,
+    changed: u64,
+) -> Result<(), StoreError> {
+    fenced(changed)?;
     let sent = async {
         let stmt = prepare(client, &sql.notify).await?;
-        client.execute(&stmt, &[&key.to_hex()]).await.map_err(pg_error("postgres cannot notify waiters"))
+        client.execute(&stmt, &[&&key.as_bytes()[..]]).await.map_err(pg_error("postgres cannot notify waiters"))
     };
     if let Err(e) = sent.await {
-        tracing::warn!(target: "idemgate::store", key = %key.short(), error = %e, "waiters will find the record when they poll");
+        tracing::warn!(target: "idemgate::store", key = %key.short(), error = %e, "waiters will find the change when they poll");
     }
+    Ok(())
 }
 
 /// Deletes the in-flight record of `lease`.

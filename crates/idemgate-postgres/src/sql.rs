@@ -97,12 +97,12 @@ const COMPLETE: &str = "UPDATE {s}idemgate_records
         completed_at = $3, expires_at = $4, status = $5, response = $6
     WHERE key = $1 AND state = 'in_flight' AND token = $2";
 
-/// Wakes the waiters of $1 (the key in hex) after a change that committed without
-/// notifying. A statement of its own is a transaction of its own, and `set_config(...,
+/// Wakes the waiters of $1 (the key; the payload is its hex, as in the statements
+/// that notify themselves) after a change that committed without notifying. A statement of its own is a transaction of its own, and `set_config(...,
 /// true)` turns `synchronous_commit` off for that transaction alone: its commit (a
 /// notification needs a transaction id, so it has one) does not wait for the WAL flush,
 /// and holds the notify lock for microseconds.
-const NOTIFY: &str = "SELECT set_config('synchronous_commit', 'off', true), pg_notify('{channel}', $1)";
+const NOTIFY: &str = "SELECT set_config('synchronous_commit', 'off', true), pg_notify('{channel}', encode($1, 'hex'))";
 
 /// $1 key, $2 token.
 const RELEASE: &str = "WITH gone AS (

@@ -82,8 +82,8 @@
 //! `writer.rs`): it blocks for the first operation, takes up to 255 more that are
 //! queued, runs each in its own savepoint (none when it is alone) inside one `BEGIN
 //! IMMEDIATE` transaction (its statements prepared once and cached), commits, and only
-//! then answers and wakes waiters. It never checkpoints: a second
-//! thread with its own connection runs a `PASSIVE` checkpoint every 100 ms, so no
+//! then answers and wakes waiters. It never checkpoints: a second thread with its own
+//! connection runs a `PASSIVE` checkpoint every 100 ms, so no
 //! commit (and no claim queued behind it) waits for pages to be copied into the file
 //! and synced — except when the log has grown past 32 MiB and must be rewound: then
 //! the checkpointer takes the writer's turn (an in-process mutex the writer holds per

@@ -4,9 +4,9 @@
 //! SQLite calls block, so none of them runs on a tokio worker. The thread blocks for
 //! the first queued operation, takes whatever else is queued (up to [`MAX_BATCH`]),
 //! runs them all in one `BEGIN IMMEDIATE` transaction, each inside its own savepoint
-//! (one queued alone needs none: its failure rolls back the transaction), commits, and only then answers them and wakes their waiters. Under load one commit
-//! (one WAL append) thus serves many requests; when idle an operation waits for no
-//! one. Because this thread is the only writer in the process, a claim's read and
+//! (one queued alone needs none: its failure rolls back the transaction), commits,
+//! and only then answers them and wakes their waiters. Under load one commit (one WAL
+//! append) thus serves many requests; when idle an operation waits for no one. Because this thread is the only writer in the process, a claim's read and
 //! write cannot interleave with another claim's.
 
 use std::sync::Arc;

@@ -162,6 +162,10 @@ impl Shared {
         // Ready for more, should requests keep coming after all.
         self.owners.reopen();
     }
+
+    fn running_on(&self) -> usize {
+        self.owners.len()
+    }
 }
 
 impl IdempotencyLayer {
@@ -194,7 +198,7 @@ impl IdempotencyLayer {
 
     /// How many such calls are running.
     pub fn running_on(&self) -> usize {
-        self.shared.owners.len()
+        self.shared.running_on()
     }
 }
 
@@ -236,7 +240,7 @@ impl<S> Idempotency<S> {
 
     /// [`IdempotencyLayer::running_on`] for the layer this service came from.
     pub fn running_on(&self) -> usize {
-        self.shared.owners.len()
+        self.shared.running_on()
     }
 }
 
