@@ -6,7 +6,7 @@
 //!
 //! [`StoredResponse::encode`]: idemgate::StoredResponse::encode
 
-use std::fs::File;
+use std::fs::{File, OpenOptions};
 use std::path::Path;
 use std::time::Duration;
 
@@ -96,9 +96,13 @@ pub(crate) fn open_checkpointer(path: &Path) -> Result<(Connection, File), Store
     // The same durability as the writer's: a checkpoint syncs the WAL, then the file.
     conn.pragma_update(None, "synchronous", "NORMAL")
         .map_err(sqlite_error(format!("sqlite cannot set synchronous on {name}")))?;
-    // A sync through any descriptor of a file flushes all of its written pages.
-    let file =
-        File::open(path).map_err(|e| StoreError::unavailable(format!("sqlite cannot open {name} to sync it"), e))?;
+    // A sync through any descriptor of a file flushes all of its written pages. Opened
+    // for writing, as SQLite opens it, since some systems sync only writable handles.
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(|e| StoreError::unavailable(format!("sqlite cannot open {name} to sync it"), e))?;
     Ok((conn, file))
 }
 
