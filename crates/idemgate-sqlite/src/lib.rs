@@ -87,8 +87,9 @@
 //! no commit (and no claim queued behind it) waits for pages to be copied into the
 //! file and synced — except when the log has grown past 32 MiB and must be rewound:
 //! then the checkpointer takes the writer's turn (an in-process mutex the writer holds
-//! per batch) for one `RESTART`, which has only the last few frames left to copy. Claims run the shared
-//! [`idemgate::store::decide`] between reading and writing the row. Reads (`get`,
+//! per batch) for one `RESTART`, which has only the last few frames left to copy.
+//! Claims run the shared [`idemgate::store::decide`] between reading and writing the
+//! row. Reads (`get`,
 //! `ping`) go through the same thread: they see every committed write, in order, and
 //! the hot path is a write anyway; replays of records already found are answered
 //! from `replays.rs`' cache without it.
@@ -183,8 +184,7 @@ impl SqliteStore {
         let turns = Turns::default();
         let checkpointer = match &path {
             Some(path) => {
-                let (conn, file) = schema::open_checkpointer(path)?;
-                Some(Checkpointer::spawn(conn, file, turns.clone(), path.display().to_string())?)
+                Some(Checkpointer::spawn(schema::open_checkpointer(path)?, turns.clone(), path.display().to_string())?)
             }
             None => None,
         };

@@ -6,7 +6,6 @@
 //!
 //! [`StoredResponse::encode`]: idemgate::StoredResponse::encode
 
-use std::fs::{File, OpenOptions};
 use std::path::Path;
 use std::time::Duration;
 
@@ -85,8 +84,8 @@ pub(crate) fn open(path: Option<&Path>) -> Result<Connection, StoreError> {
 }
 
 /// Opens the connection that checkpoints the file at `path` (already opened, in WAL
-/// mode, by [`open`]), and the file itself, which the checkpointer syncs.
-pub(crate) fn open_checkpointer(path: &Path) -> Result<(Connection, File), StoreError> {
+/// mode, by [`open`]).
+pub(crate) fn open_checkpointer(path: &Path) -> Result<Connection, StoreError> {
     let name = path.display().to_string();
     let conn = Connection::open(path)
         .map_err(|e| StoreError::unavailable(format!("sqlite cannot open {name} to checkpoint it"), e))?;
@@ -96,14 +95,7 @@ pub(crate) fn open_checkpointer(path: &Path) -> Result<(Connection, File), Store
     // The same durability as the writer's: a checkpoint syncs the WAL, then the file.
     conn.pragma_update(None, "synchronous", "NORMAL")
         .map_err(sqlite_error(format!("sqlite cannot set synchronous on {name}")))?;
-    // A sync through any descriptor of a file flushes all of its written pages. Opened
-    // for writing, as SQLite opens it, since some systems sync only writable handles.
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .map_err(|e| StoreError::unavailable(format!("sqlite cannot open {name} to sync it"), e))?;
-    Ok((conn, file))
+    Ok(conn)
 }
 
 fn configure(conn: &Connection, name: &str, file: bool) -> Result<(), StoreError> {

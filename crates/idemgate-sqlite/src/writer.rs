@@ -9,7 +9,6 @@
 //! append) thus serves many requests; when idle an operation waits for no one. Because this thread is the only writer in the process, a claim's read and
 //! write cannot interleave with another claim's.
 
-use std::fs::File;
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, channel};
 use std::thread::{self, JoinHandle};
@@ -270,13 +269,12 @@ pub(crate) struct Checkpointer {
 }
 
 impl Checkpointer {
-    /// Starts the thread, which owns `conn` (a connection to the same file) and `file`
-    /// (the database file itself, opened for syncing it).
-    pub(crate) fn spawn(conn: Connection, file: File, turns: Turns, name: String) -> Result<Self, StoreError> {
+    /// Starts the thread, which owns `conn` (a connection to the same file).
+    pub(crate) fn spawn(conn: Connection, turns: Turns, name: String) -> Result<Self, StoreError> {
         let (stop, rx) = channel();
         let thread = thread::Builder::new()
             .name("idemgate-sqlite-ckpt".into())
-            .spawn(move || checkpoint_loop(Checkpoint { conn, file, turns, synced: 0 }, &rx, &name))
+            .spawn(move || checkpoint_loop(Checkpoint { conn, turns, synced: 0 }, &rx, &name))
             .map_err(|e| StoreError::unavailable("sqlite cannot start its checkpoint thread", e))?;
         Ok(Self { stop: Some(stop), thread: Some(thread) })
     }
@@ -318,10 +316,9 @@ pub(crate) const RESTART_PATIENCE: Duration = Duration::from_millis(50);
 /// WAL frames (pages) past which a checkpoint also restarts the log.
 pub(crate) const RESTART_AFTER_FRAMES: i64 = 8192;
 
-/// The checkpointer's connection, the database file, and how far the file is synced.
+/// The checkpointer's connection, and how far the database file is synced.
 struct Checkpoint {
     conn: Connection,
-    file: File,
     turns: Turns,
     /// The WAL frames (counted from the log's start) copied into the file and synced.
     synced: i64,
@@ -345,9 +342,9 @@ impl Checkpoint {
     /// then flushed every page copied since the last rewind, 3 ms on a fresh file and
     /// 12 ms at 80k records on the benchmark VM, growing with the file. And one more
     /// passive checkpoint just before the restart leaves it only the frames written
-    /// meanwhile. (These syncs are not needed for durability: SQLite never reuses the
-    /// log before syncing the file.)
-    fn run(&mut self) -> Result<(), Box<dyn std::error::Error>> {
+    /// meanwhile. (SQLite still syncs before it lets the log be reused; a failed sync
+    /// here fails the checkpoint, as one of SQLite's own would.)
+    fn run(&mut self) -> rusqlite::Result<()> {
         let frames = self.passive()?;
         if frames > RESTART_AFTER_FRAMES {
             self.passive()?;
@@ -357,21 +354,56 @@ impl Checkpoint {
         Ok(())
     }
 
-    /// A `PASSIVE` checkpoint, and a sync of the file if it copied frames; the frames
-    /// in the log.
-    fn passive(&mut self) -> Result<i64, Box<dyn std::error::Error>> {
+    /// A `PASSIVE` checkpoint, and a sync of the file if it copied frames not synced
+    /// yet; the frames in the log.
+    fn passive(&mut self) -> rusqlite::Result<i64> {
+        // (busy, frames in the log, frames copied); -1, -1 when another process held
+        // the checkpoint.
         let (frames, copied): (i64, i64) =
             self.conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |row| Ok((row.get(1)?, row.get(2)?)))?;
-        if copied < self.synced {
-            // The log has been rewound since.
-            self.synced = 0;
-        }
-        if copied > self.synced {
-            self.file.sync_data()?;
+        // Any count but the last one synced is news: more frames copied, or the first
+        // frames of a log rewound since.
+        if copied > 0 && copied != self.synced {
+            sync_file(&self.conn)?;
             self.synced = copied;
         }
         Ok(frames)
     }
+}
+
+/// Syncs the main database file of `conn` through SQLite's own handle, as a checkpoint
+/// does. Not through a descriptor of our own: closing it would release every POSIX
+/// lock this process holds on the file, the writer connection's included, and another
+/// process could then think itself the last one open and delete the WAL.
+#[expect(unsafe_code, reason = "SQLite offers its file handle and sync only through its C API")]
+fn sync_file(conn: &Connection) -> rusqlite::Result<()> {
+    use rusqlite::ffi;
+    let failed = |rc| rusqlite::Error::SqliteFailure(ffi::Error::new(rc), Some("cannot sync the database file".into()));
+    let mut file: *mut ffi::sqlite3_file = std::ptr::null_mut();
+    // SAFETY: `conn` is open and used by this thread only; FILE_POINTER writes a
+    // pointer to the main database's `sqlite3_file`, which the connection owns and
+    // keeps open until it closes, into `file`.
+    let rc = unsafe {
+        ffi::sqlite3_file_control(
+            conn.handle(),
+            c"main".as_ptr(),
+            ffi::SQLITE_FCNTL_FILE_POINTER,
+            (&raw mut file).cast(),
+        )
+    };
+    if rc != ffi::SQLITE_OK {
+        return Err(failed(rc));
+    }
+    // SAFETY: `file`, if set, is that open `sqlite3_file`; its methods are the VFS's,
+    // and no other call uses it meanwhile (the connection is ours and idle).
+    let rc = unsafe {
+        match file.as_ref().and_then(|f| f.pMethods.as_ref()).and_then(|m| m.xSync) {
+            Some(sync) => sync(file, ffi::SQLITE_SYNC_NORMAL | ffi::SQLITE_SYNC_DATAONLY),
+            // Not opened: nothing written to sync.
+            None => ffi::SQLITE_OK,
+        }
+    };
+    if rc == ffi::SQLITE_OK { Ok(()) } else { Err(failed(rc)) }
 }
 
 #[cfg(test)]
@@ -414,5 +446,34 @@ mod tests {
             }
         }
         assert_eq!(rows(&conn), [2, 3, 5]);
+    }
+
+    /// The sync goes through SQLite's own handle of a real file, and the checkpoint
+    /// bookkeeping syncs only for frames it has not synced yet.
+    #[test]
+    fn passive_checkpoints_sync_what_they_copied() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let writer = Connection::open(&path).unwrap();
+        writer.execute_batch("PRAGMA journal_mode = WAL; PRAGMA wal_autocheckpoint = 0; CREATE TABLE t (n)").unwrap();
+        let mut ckpt = Checkpoint { conn: Connection::open(&path).unwrap(), turns: Turns::default(), synced: 0 };
+        sync_file(&ckpt.conn).unwrap();
+
+        writer.execute("INSERT INTO t VALUES (1)", []).unwrap();
+        let frames = ckpt.passive().unwrap();
+        assert!(frames > 0);
+        assert_eq!(ckpt.synced, frames, "everything copied is synced");
+        assert_eq!(ckpt.passive().unwrap(), frames);
+        assert_eq!(ckpt.synced, frames);
+
+        // Rewound: the next write starts the log over, and its frames (more of them
+        // than before, so that the count differs) are synced again.
+        ckpt.conn.query_row("PRAGMA wal_checkpoint(RESTART)", [], |_| Ok(())).unwrap();
+        writer.execute("INSERT INTO t VALUES (2), (zeroblob(20000))", []).unwrap();
+        let rewound = ckpt.passive().unwrap();
+        assert_ne!(rewound, frames);
+        assert_eq!(ckpt.synced, rewound);
+        let n: i64 = writer.query_row("SELECT count(*) FROM t", [], |row| row.get(0)).unwrap();
+        assert_eq!(n, 3);
     }
 }
