@@ -28,6 +28,7 @@
 //! inner response to the end and stores it, and the client's retry replays it
 //! without a second call. The task renews the lease while the call is alive.
 
+use std::convert::Infallible;
 use std::future::Future;
 use std::pin::{Pin, pin};
 use std::sync::{Arc, OnceLock};
@@ -880,7 +881,9 @@ async fn completed_by_us(store: &Arc<dyn Store>, lease: &Lease) -> bool {
     )
 }
 
-/// Drives `work` while renewing `lease` every third of its duration.
+/// Drives `work` while renewing `lease` every third of its duration. The renewals run
+/// beside the work, not in its place: a store that is slow or hangs delays the next
+/// renewal, never the call or the stream it is serving.
 async fn renewing<F: Future>(
     work: F,
     store: &dyn Store,
@@ -889,26 +892,24 @@ async fn renewing<F: Future>(
     duration: Duration,
 ) -> F::Output {
     let every = duration / 3;
-    let mut work = pin!(work);
-    // A sleep on the stack, reset after each tick: an `Interval` boxes its own, one
-    // allocation more for every keyed call, nearly all of which end before a tick.
-    let mut tick = pin!(tokio::time::sleep(every));
-    let mut renew = true;
-    loop {
-        tokio::select! {
-            out = &mut work => return out,
-            () = &mut tick, if renew => {
-                tick.as_mut().reset(tokio::time::Instant::now() + every);
-                match meters.timed(m::Op::Renew, store.renew(lease, duration)).await {
-                    Ok(_) => {}
-                    Err(e) if e.kind() == ErrorKind::Conflict => {
-                        tracing::warn!(target: "idemgate::store", key = lease.key.short(), "lease lost while the call ran");
-                        renew = false;
-                    }
-                    Err(e) => tracing::warn!(target: "idemgate::store", error = %e, "lease renewal failed"),
+    let renewals = async {
+        loop {
+            tokio::time::sleep(every).await;
+            match meters.timed(m::Op::Renew, store.renew(lease, duration)).await {
+                Ok(_) => {}
+                Err(e) if e.kind() == ErrorKind::Conflict => {
+                    tracing::warn!(target: "idemgate::store", key = lease.key.short(), "lease lost while the call ran");
+                    break;
                 }
+                Err(e) => tracing::warn!(target: "idemgate::store", error = %e, "lease renewal failed"),
             }
         }
+        // Lost: nothing left to renew while the work finishes.
+        std::future::pending::<Infallible>().await
+    };
+    tokio::select! {
+        out = work => out,
+        never = renewals => match never {},
     }
 }
 

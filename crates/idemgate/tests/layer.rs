@@ -596,6 +596,76 @@ async fn the_lease_is_renewed_while_the_call_is_alive() {
     assert_eq!(replayed(&dup), "true");
 }
 
+/// A memory store whose renewals never answer, as a hung server's would not.
+struct HungRenewals(MemoryStore);
+
+impl Store for HungRenewals {
+    fn backend(&self) -> &'static str {
+        "hung-renewals"
+    }
+    fn claim<'a>(
+        &'a self,
+        key: &'a StorageKey,
+        fp: &'a Fingerprint,
+        lease: Duration,
+    ) -> BoxFuture<'a, Result<Claim, StoreError>> {
+        self.0.claim(key, fp, lease)
+    }
+    fn renew<'a>(&'a self, _: &'a Lease, _: Duration) -> BoxFuture<'a, Result<Timestamp, StoreError>> {
+        Box::pin(std::future::pending())
+    }
+    fn complete<'a>(
+        &'a self,
+        lease: &'a Lease,
+        response: &'a StoredResponse,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        self.0.complete(lease, response, ttl)
+    }
+    fn release<'a>(&'a self, lease: &'a Lease) -> BoxFuture<'a, Result<(), StoreError>> {
+        self.0.release(lease)
+    }
+    fn get<'a>(&'a self, key: &'a StorageKey) -> BoxFuture<'a, Result<Option<Record>, StoreError>> {
+        self.0.get(key)
+    }
+    fn purge<'a>(&'a self, key: &'a StorageKey) -> BoxFuture<'a, Result<bool, StoreError>> {
+        self.0.purge(key)
+    }
+    fn sweep(&self, limit: usize) -> BoxFuture<'_, Result<usize, StoreError>> {
+        self.0.sweep(limit)
+    }
+    fn watch(&self, key: &StorageKey) -> BoxFuture<'static, ()> {
+        self.0.watch(key)
+    }
+    fn ping(&self) -> BoxFuture<'_, Result<(), StoreError>> {
+        self.0.ping()
+    }
+}
+
+/// A renewal that hangs holds up the next renewal, not the call: the response comes
+/// when the upstream answers, and is recorded.
+#[tokio::test(start_paused = true)]
+async fn a_hung_renewal_does_not_hold_up_the_call() {
+    let clock = TokioClock { base: SystemTime::now(), start: tokio::time::Instant::now() };
+    let store = Arc::new(HungRenewals(MemoryStore::new().with_clock(clock)));
+    let upstream = Upstream::default();
+    // The first renewal starts after 333 ms and never ends; the call takes 2 s.
+    let svc = gateway(store, Policy::default().with_lease(Duration::from_secs(1)), &upstream);
+    let slow = || {
+        let mut r = req("hung-renewal", BODY);
+        r.headers_mut().insert("x-delay-ms", "2000".parse().unwrap());
+        r
+    };
+    let started = tokio::time::Instant::now();
+    let first = tokio::time::timeout(Duration::from_secs(60), send(&svc, slow())).await.expect("the call is answered");
+    assert_eq!(first.status, 200);
+    assert!(started.elapsed() < Duration::from_secs(3), "answered after {:?}", started.elapsed());
+    let again = send(&svc, slow()).await;
+    assert_eq!(replayed(&again), "true");
+    assert_eq!(again.body, first.body);
+    assert_eq!(upstream.calls(), 1);
+}
+
 #[tokio::test]
 async fn a_refusal_before_the_body_is_read_closes_the_connection_only_when_a_body_is_left() {
     let (svc, upstream) = setup(Policy::default().with_key_requirement(KeyRequirement::Required));
