@@ -98,10 +98,11 @@ const COMPLETE: &str = "UPDATE {s}idemgate_records
     WHERE key = $1 AND state = 'in_flight' AND token = $2";
 
 /// Wakes the waiters of $1 (the key; the payload is its hex, as in the statements
-/// that notify themselves) after a change that committed without notifying. A statement of its own is a transaction of its own, and `set_config(...,
-/// true)` turns `synchronous_commit` off for that transaction alone: its commit (a
-/// notification needs a transaction id, so it has one) does not wait for the WAL flush,
-/// and holds the notify lock for microseconds.
+/// that notify themselves) after a change that committed without notifying. A
+/// statement of its own is a transaction of its own, and `set_config(..., true)` turns
+/// `synchronous_commit` off for that transaction alone: its commit (a notification
+/// needs a transaction id, so it has one) does not wait for the WAL flush, and holds
+/// the notify lock for microseconds.
 const NOTIFY: &str = "SELECT set_config('synchronous_commit', 'off', true), pg_notify('{channel}', encode($1, 'hex'))";
 
 /// $1 key, $2 token.

@@ -89,10 +89,9 @@
 //! then the checkpointer takes the writer's turn (an in-process mutex the writer holds
 //! per batch) for one `RESTART`, which has only the last few frames left to copy.
 //! Claims run the shared [`idemgate::store::decide`] between reading and writing the
-//! row. Reads (`get`,
-//! `ping`) go through the same thread: they see every committed write, in order, and
-//! the hot path is a write anyway; replays of records already found are answered
-//! from `replays.rs`' cache without it.
+//! row. Reads (`get`, `ping`) go through the same thread: they see every committed
+//! write, in order, and the hot path is a write anyway; replays of records already
+//! found are answered from `replays.rs`' cache without it.
 //!
 //! The schema (`idemgate_records`, `idemgate_meta`) is documented in `schema.rs` and
 //! readable with the stock `sqlite3` CLI.

@@ -6,8 +6,9 @@
 //! runs them all in one `BEGIN IMMEDIATE` transaction, each inside its own savepoint
 //! (one queued alone needs none: its failure rolls back the transaction), commits,
 //! and only then answers them and wakes their waiters. Under load one commit (one WAL
-//! append) thus serves many requests; when idle an operation waits for no one. Because this thread is the only writer in the process, a claim's read and
-//! write cannot interleave with another claim's.
+//! append) thus serves many requests; when idle an operation waits for no one.
+//! Because this thread is the only writer in the process, a claim's read and write
+//! cannot interleave with another claim's.
 
 use std::sync::Arc;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, channel};
