@@ -1,6 +1,8 @@
 -- bench/run's wrk script: one workload per run, chosen by environment variables.
 --
 --   WORKLOAD=miss    every request a fresh Idempotency-Key (claim, upstream call, record)
+--   WORKLOAD=bypass  the miss requests without the header: the gateway forwards them
+--                    untouched, so the row is the cost of its HTTP hop alone
 --   WORKLOAD=replay  REPLAY_KEYS keys (default 100), recorded before the run by bench/run
 --   WORKLOAD=join    each key used for JOIN_SIZE consecutive requests (default 8): wrk
 --                    hands consecutive requests of a thread to different connections
@@ -43,11 +45,11 @@ end
 request = function()
   local k = key()
   counter = counter + 1
-  return wrk.format("POST", "/v1/chat/completions", {
-    ["Content-Type"] = "application/json",
-    ["Authorization"] = "Bearer sk-bench",
-    ["Idempotency-Key"] = k,
-  }, '{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Write the order confirmation email for order ' .. k .. '"}]}')
+  local headers = { ["Content-Type"] = "application/json", ["Authorization"] = "Bearer sk-bench" }
+  if workload ~= "bypass" then
+    headers["Idempotency-Key"] = k
+  end
+  return wrk.format("POST", "/v1/chat/completions", headers, '{"model":"gpt-4o-mini","messages":[{"role":"user","content":"Write the order confirmation email for order ' .. k .. '"}]}')
 end
 
 function done(summary, latency, requests)
