@@ -759,9 +759,9 @@ async fn own<S, ResBody>(
                 None => break true,
                 Some(Ok(frame)) => {
                     if let (Some(rec), Some(data)) = (&mut recording, frame.data_ref()) {
-                        rec.push(data);
-                        if let Some(log) = &log {
-                            log.push(data);
+                        match &log {
+                            Some(log) => rec.push_and_share(data, |kept| log.push(kept.clone())),
+                            None => rec.push(data),
                         }
                     }
                     if let Some(tx) = &client

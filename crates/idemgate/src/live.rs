@@ -54,8 +54,12 @@ impl LogWriter {
         Self { tx }
     }
 
-    pub(crate) fn push(&self, chunk: &Bytes) {
-        let _ = self.tx.send(Msg::Chunk(chunk.clone()));
+    /// Queues `chunk` for the log. It waits there for as long as the store takes to
+    /// append the ones before it, so it must be a copy, not a slice of the upstream
+    /// connection's read buffer: each queued slice pinned a whole 8 KiB buffer, which
+    /// with PostgreSQL and 1,000 streams came to 20 MB at the peak.
+    pub(crate) fn push(&self, chunk: Bytes) {
+        let _ = self.tx.send(Msg::Chunk(chunk));
     }
 
     /// Waits until every chunk pushed so far is in the log. The owner calls it before

@@ -50,6 +50,12 @@ impl Recording {
 
     /// Records one chunk, as it is forwarded.
     pub(crate) fn push(&mut self, chunk: &Bytes) {
+        self.push_and_share(chunk, |_| {});
+    }
+
+    /// [`push`](Self::push), also showing the recorded copy to `share`: whatever else
+    /// holds on to the chunk (the live log) should keep that copy, not `chunk`.
+    pub(crate) fn push_and_share(&mut self, chunk: &Bytes, share: impl FnOnce(&Bytes)) {
         if let Some(s) = &mut self.stream {
             let first = *self.first.get_or_insert_with(Instant::now);
             self.offsets_ms.push(u32::try_from(first.elapsed().as_millis()).unwrap_or(u32::MAX));
@@ -62,6 +68,7 @@ impl Recording {
         // holding it would pin that whole buffer (8 KiB and up, for a chunk of a few
         // hundred bytes) for as long as the record lives.
         let kept = Bytes::copy_from_slice(chunk);
+        share(&kept);
         match &self.flight {
             Some(flight) => flight.push(kept),
             None => self.chunks.push(kept),
@@ -148,6 +155,21 @@ mod tests {
         assert_eq!(stored.chunks, vec![chunk.clone()]);
         let range = buffer.as_ptr_range();
         assert!(!range.contains(&stored.chunks[0].as_ptr()), "the stored chunk is a slice of the read buffer");
+    }
+
+    /// What the live log is given to hold is the recorded copy, not the slice.
+    #[test]
+    fn a_shared_chunk_does_not_pin_the_read_buffer() {
+        let buffer = Bytes::from(vec![b'x'; 64 * 1024]);
+        let chunk = buffer.slice(100..400);
+        let mut rec = Recording::body(false);
+        let mut shared = None;
+        rec.push_and_share(&chunk, |kept| shared = Some(kept.clone()));
+        let shared = shared.expect("the copy is shown");
+        assert_eq!(shared, chunk);
+        assert!(!buffer.as_ptr_range().contains(&shared.as_ptr()), "the shared chunk is a slice of the read buffer");
+        let stored = rec.finish(200, Vec::new(), true).expect("a clean body is stored");
+        assert_eq!(stored.chunks, vec![chunk]);
     }
 
     #[test]
