@@ -759,10 +759,11 @@ async fn own<S, ResBody>(
                 None => break true,
                 Some(Ok(frame)) => {
                     if let (Some(rec), Some(data)) = (&mut recording, frame.data_ref()) {
-                        match &log {
-                            Some(log) => rec.push_and_share(data, |kept| log.push(kept.clone())),
-                            None => rec.push(data),
-                        }
+                        rec.push_and_share(data, |kept| {
+                            if let Some(log) = &log {
+                                log.push(kept.clone());
+                            }
+                        });
                     }
                     if let Some(tx) = &client
                         && tx.send(Ok(frame)).await.is_err()
