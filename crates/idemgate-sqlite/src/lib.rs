@@ -56,6 +56,13 @@
 //!   [`ErrorKind::Corrupt`](idemgate::ErrorKind::Corrupt) and can be removed with
 //!   [`Store::purge`]. If the writer thread is gone, every operation answers
 //!   `Unavailable`.
+//! - **A failed sync halts the store.** Linux reports a failed write-back to one sync
+//!   and then forgets it, so retrying would report success over pages that never
+//!   reached the disk, and the next checkpoint would rewind the WAL over their only
+//!   copy. When a sync of the file or its WAL fails, the store stops writing and
+//!   checkpointing (also when it closes), every operation answers `Unavailable`
+//!   (`/readyz` too), and an error in the log says to restart the process: the next
+//!   open rebuilds the WAL's index and copies every committed operation into the file.
 //! - **A lease dropped without `complete` or `release`** (the owner crashed) runs out
 //!   at its `lease_until`; the next claim of the same request takes it over, and the
 //!   old owner's token is fenced out. The key stays bound to its request until then.
@@ -118,7 +125,7 @@ use rusqlite::Connection;
 
 use self::records::Completion;
 use self::replays::Replays;
-use self::writer::{Checkpointer, Task, Turns, Writer};
+use self::writer::{Checkpointer, Halt, Task, Turns, Writer};
 
 /// The schema version this build reads and writes (in `idemgate_meta`).
 pub const SCHEMA_VERSION: u32 = schema::SCHEMA_VERSION;
@@ -181,10 +188,14 @@ impl SqliteStore {
 
     fn start(conn: Connection, clock: Arc<dyn Clock>, path: Option<PathBuf>) -> Result<Self, StoreError> {
         let turns = Turns::default();
+        let halt = Halt::default();
         let checkpointer = match &path {
-            Some(path) => {
-                Some(Checkpointer::spawn(schema::open_checkpointer(path)?, turns.clone(), path.display().to_string())?)
-            }
+            Some(path) => Some(Checkpointer::spawn(
+                schema::open_checkpointer(path)?,
+                turns.clone(),
+                halt.clone(),
+                path.display().to_string(),
+            )?),
             None => None,
         };
         // SQLite's own resolved path (symlinks followed), where its `-wal` and `-shm` go.
@@ -193,7 +204,7 @@ impl SqliteStore {
             .map(|given| conn.path().filter(|p| !p.is_empty()).map_or_else(|| given.clone(), PathBuf::from));
         let replays = Arc::new(Replays::open(resolved.as_deref())?);
         let notifier = Arc::new(Notifier::new());
-        let writer = Writer::spawn(conn, turns, Arc::clone(&clock), Arc::clone(&notifier))?;
+        let writer = Writer::spawn(conn, turns, halt, Arc::clone(&clock), Arc::clone(&notifier))?;
         Ok(Self { inner: Arc::new(Inner { _checkpointer: checkpointer, writer, notifier, replays, clock, path }) })
     }
 

@@ -10,15 +10,16 @@
 //! Because this thread is the only writer in the process, a claim's read and write
 //! cannot interleave with another claim's.
 
-use std::sync::Arc;
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender, channel};
+use std::sync::{Arc, OnceLock};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
 use idemgate::store::Notifier;
 use idemgate::{Clock, StorageKey, StoreError, Timestamp};
 use parking_lot::{Mutex, MutexGuard};
-use rusqlite::Connection;
+use rusqlite::config::DbConfig;
+use rusqlite::{Connection, ffi};
 use tokio::sync::oneshot;
 
 use crate::schema::sqlite_error;
@@ -44,6 +45,48 @@ impl Turns {
     }
 }
 
+/// Set for good once a sync of the file or of its WAL has failed.
+///
+/// Linux reports a failed write-back to the next sync and then forgets it: a second
+/// sync succeeds, though the pages it could not write are lost from the cache and the
+/// disk alike. A checkpoint after that would rewind the WAL over the only good copy of
+/// those pages, and SQLite has no way to copy them again. So a halted store writes
+/// and checkpoints nothing more, not even when it closes, and every operation fails
+/// as unavailable; the WAL keeps every committed operation, and the next process to
+/// open the file rebuilds the WAL's index and copies all of it again.
+#[derive(Clone, Default)]
+pub(crate) struct Halt(Arc<OnceLock<String>>);
+
+impl Halt {
+    /// Halts for good if `error` is a failed sync of `file` (logging it the first
+    /// time); whether it was one.
+    fn on(&self, error: &rusqlite::Error, file: &str) -> bool {
+        let failed_sync =
+            matches!(error, rusqlite::Error::SqliteFailure(e, _) if e.extended_code == ffi::SQLITE_IOERR_FSYNC);
+        if failed_sync && self.0.set(format!("a sync of {file} failed: {error}")).is_ok() {
+            tracing::error!(
+                target: "idemgate::store",
+                file,
+                error = %error,
+                "sqlite could not sync the file; the store has stopped so that nothing overwrites the WAL, which \
+                 still holds every committed operation: restart the process to recover them",
+            );
+        }
+        failed_sync
+    }
+
+    fn reason(&self) -> Option<&str> {
+        self.0.get().map(String::as_str)
+    }
+
+    /// Keeps `conn`'s close from checkpointing once halted.
+    fn keep_wal(&self, conn: &Connection) {
+        if self.reason().is_some() {
+            let _ = conn.set_db_config(DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, true);
+        }
+    }
+}
+
 /// One queued operation.
 pub(crate) trait Job: Send {
     /// Runs the operation inside the batch's transaction (and its own savepoint when
@@ -66,6 +109,13 @@ pub(crate) struct Failure {
 impl Failure {
     fn new(context: &'static str) -> impl FnOnce(rusqlite::Error) -> Self {
         move |error| Self { context, error }
+    }
+
+    /// The failure of every batch once the store has halted.
+    fn halted(reason: &str) -> Self {
+        let restart = format!("{reason}; restart the process to recover the file from its WAL");
+        let error = rusqlite::Error::SqliteFailure(ffi::Error::new(ffi::SQLITE_IOERR_FSYNC), Some(restart));
+        Self { context: "sqlite store stopped after a failed sync", error }
     }
 
     fn to_error(&self) -> StoreError {
@@ -145,13 +195,14 @@ impl Writer {
     pub(crate) fn spawn(
         conn: Connection,
         turns: Turns,
+        halt: Halt,
         clock: Arc<dyn Clock>,
         notifier: Arc<Notifier>,
     ) -> Result<Self, StoreError> {
         let (jobs, rx) = channel();
         let thread = thread::Builder::new()
             .name("idemgate-sqlite".into())
-            .spawn(move || run(conn, &turns, &rx, clock.as_ref(), &notifier))
+            .spawn(move || run(conn, &turns, &halt, &rx, clock.as_ref(), &notifier))
             .map_err(|e| StoreError::unavailable("sqlite cannot start its writer thread", e))?;
         Ok(Self { jobs: Some(jobs), thread: Some(thread) })
     }
@@ -185,21 +236,36 @@ pub(crate) fn gone() -> StoreError {
     StoreError::unavailable("sqlite writer thread is gone", "the store is shutting down or its thread panicked")
 }
 
-fn run(conn: Connection, turns: &Turns, jobs: &Receiver<Box<dyn Job>>, clock: &dyn Clock, notifier: &Notifier) {
+fn run(
+    conn: Connection,
+    turns: &Turns,
+    halt: &Halt,
+    jobs: &Receiver<Box<dyn Job>>,
+    clock: &dyn Clock,
+    notifier: &Notifier,
+) {
+    let file = conn.path().unwrap_or_default().to_owned();
     let mut batch: Vec<Box<dyn Job>> = Vec::with_capacity(MAX_BATCH);
     while let Ok(first) = jobs.recv() {
         let turn = turns.take();
         // Taken after the turn: claims that queued behind a restart join this batch.
         batch.push(first);
         batch.extend(jobs.try_iter().take(MAX_BATCH - 1));
-        let failure = execute(&conn, &mut batch, clock).err();
+        let failure = match halt.reason() {
+            Some(reason) => Some(Failure::halted(reason)),
+            None => execute(&conn, &mut batch, clock).err(),
+        };
+        if let Some(failure) = &failure {
+            halt.on(&failure.error, &file);
+        }
         MutexGuard::unlock_fair(turn);
         for job in batch.drain(..) {
             job.finish(failure.as_ref(), notifier);
         }
     }
-    // Every handle is gone. Closing checkpoints the WAL; if that fails the data is
-    // still safe in the WAL file, and nobody is left to return the error to.
+    // Every handle is gone. Closing checkpoints the WAL (unless halted); if that fails
+    // the data is still safe in the WAL file, and nobody is left to return the error to.
+    halt.keep_wal(&conn);
     if let Err((_, e)) = conn.close() {
         tracing::warn!(error = %e, "sqlite store did not close cleanly");
     }
@@ -271,11 +337,11 @@ pub(crate) struct Checkpointer {
 
 impl Checkpointer {
     /// Starts the thread, which owns `conn` (a connection to the same file).
-    pub(crate) fn spawn(conn: Connection, turns: Turns, name: String) -> Result<Self, StoreError> {
+    pub(crate) fn spawn(conn: Connection, turns: Turns, halt: Halt, name: String) -> Result<Self, StoreError> {
         let (stop, rx) = channel();
         let thread = thread::Builder::new()
             .name("idemgate-sqlite-ckpt".into())
-            .spawn(move || checkpoint_loop(Checkpoint { conn, turns, synced: 0 }, &rx, &name))
+            .spawn(move || checkpoint_loop(Checkpoint { conn, turns, synced: 0 }, &halt, &rx, &name))
             .map_err(|e| StoreError::unavailable("sqlite cannot start its checkpoint thread", e))?;
         Ok(Self { stop: Some(stop), thread: Some(thread) })
     }
@@ -290,15 +356,19 @@ impl Drop for Checkpointer {
     }
 }
 
-fn checkpoint_loop(mut ckpt: Checkpoint, stop: &Receiver<()>, name: &str) {
+fn checkpoint_loop(mut ckpt: Checkpoint, halt: &Halt, stop: &Receiver<()>, name: &str) {
     let mut failing = false;
     while let Err(RecvTimeoutError::Timeout) = stop.recv_timeout(CHECKPOINT_EVERY) {
+        if halt.reason().is_some() {
+            continue;
+        }
         match ckpt.run() {
             Ok(()) if failing => {
                 failing = false;
                 tracing::info!(target: "idemgate::store", file = name, "sqlite checkpoints work again");
             }
             Ok(()) => {}
+            Err(e) if halt.on(&e, name) => {}
             // Logged once per run of failures: the WAL keeps every commit meanwhile,
             // and the next success (or the close) copies it all.
             Err(e) if !failing => {
@@ -308,6 +378,7 @@ fn checkpoint_loop(mut ckpt: Checkpoint, stop: &Receiver<()>, name: &str) {
             Err(_) => {}
         }
     }
+    halt.keep_wal(&ckpt.conn);
 }
 
 /// How long a `RESTART` waits for SQLite locks held by other processes (the
@@ -344,7 +415,7 @@ impl Checkpoint {
     /// 12 ms at 80k records on the benchmark VM, growing with the file. And one more
     /// passive checkpoint just before the restart leaves it only the frames written
     /// meanwhile. (SQLite still syncs before it lets the log be reused; a failed sync
-    /// here fails the checkpoint, as one of SQLite's own would.)
+    /// here halts the store, as one of SQLite's own does: see [`Halt`].)
     fn run(&mut self) -> rusqlite::Result<()> {
         let frames = self.passive()?;
         if frames > RESTART_AFTER_FRAMES {
@@ -395,6 +466,10 @@ fn sync_file(conn: &Connection) -> rusqlite::Result<()> {
     if rc != ffi::SQLITE_OK {
         return Err(failed(rc));
     }
+    #[cfg(test)]
+    if tests::syncs_fail(conn) {
+        return Err(failed(ffi::SQLITE_IOERR_FSYNC));
+    }
     // SAFETY: `file`, if set, is that open `sqlite3_file`; its methods are the VFS's,
     // and no other call uses it meanwhile (the connection is ours and idle).
     let rc = unsafe {
@@ -409,9 +484,86 @@ fn sync_file(conn: &Connection) -> rusqlite::Result<()> {
 
 #[cfg(test)]
 mod tests {
-    use idemgate::SystemClock;
+    use std::path::Path;
+
+    use idemgate::{Claim, ErrorKind, RecordState, Store, SystemClock};
+    use idemgate_testkit::{fp, key, sample_response};
 
     use super::*;
+    use crate::SqliteStore;
+
+    /// Files whose syncs fail, as after a write-back error.
+    static FAILING: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
+    pub(super) fn syncs_fail(conn: &Connection) -> bool {
+        conn.path().is_some_and(|p| FAILING.lock().iter().any(|f| f == p))
+    }
+
+    fn fail_syncs(path: &Path, fail: bool) {
+        let path = path.to_str().unwrap().to_owned();
+        let mut failing = FAILING.lock();
+        failing.retain(|f| *f != path);
+        if fail {
+            failing.push(path);
+        }
+    }
+
+    /// A sync that fails halts the store for good: every operation fails from then
+    /// on, even once syncs work again; nothing is checkpointed, not even at close; and
+    /// the next open finds every committed record in the WAL.
+    #[test]
+    fn a_failed_sync_halts_the_store_and_keeps_the_wal() {
+        const LEASE: Duration = Duration::from_secs(30);
+        const TTL: Duration = Duration::from_secs(3600);
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let wal = dir.path().join("t.db-wal");
+        let store = SqliteStore::open(&path).unwrap();
+        let response = sample_response(SystemClock.now());
+        let committed = rt.block_on(async {
+            for n in 0..50 {
+                let Ok(Claim::Acquired(lease)) = store.claim(&key(n), &fp(n), LEASE).await else { panic!("claim {n}") };
+                store.complete(&lease, &response, TTL).await.unwrap();
+            }
+            // Writes go on until the checkpointer's next sync fails.
+            fail_syncs(&path, true);
+            let mut n = 50;
+            let error = loop {
+                match store.claim(&key(n), &fp(n), LEASE).await {
+                    Ok(Claim::Acquired(_)) => n += 1,
+                    Ok(other) => panic!("a fresh key answered {other:?}"),
+                    Err(e) => break e,
+                }
+                assert!(n < 5_000, "a checkpoint runs every {CHECKPOINT_EVERY:?}");
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            };
+            assert_eq!(error.kind(), ErrorKind::Unavailable);
+            assert!(error.to_string().contains("failed sync"), "{error}");
+            fail_syncs(&path, false);
+            tokio::time::sleep(CHECKPOINT_EVERY * 3).await;
+            assert_eq!(store.claim(&key(n), &fp(n), LEASE).await.unwrap_err().kind(), ErrorKind::Unavailable);
+            assert!(store.get(&key(0)).await.is_err(), "reads fail too");
+            assert!(store.ping().await.is_err(), "and so does readiness");
+            n
+        });
+        let wal_size = std::fs::metadata(&wal).unwrap().len();
+        assert!(wal_size > 0);
+        drop(store);
+        assert_eq!(std::fs::metadata(&wal).map(|m| m.len()).ok(), Some(wal_size), "the close checkpointed nothing");
+
+        let store = SqliteStore::open(&path).unwrap();
+        rt.block_on(async {
+            for n in 0..50 {
+                let record = store.get(&key(n)).await.unwrap().expect("a record written before the failure");
+                assert!(matches!(record.state, RecordState::Completed { .. }), "record {n}: {:?}", record.state);
+            }
+            for n in 50..committed {
+                let record = store.get(&key(n)).await.unwrap().expect("a claim answered before the halt");
+                assert!(matches!(record.state, RecordState::InFlight { .. }), "record {n}: {:?}", record.state);
+            }
+        });
+    }
 
     /// A job that inserts `n` into `t`, then fails if `fail`.
     fn insert(n: i64, fail: bool) -> (Box<dyn Job>, oneshot::Receiver<Result<(), StoreError>>) {
