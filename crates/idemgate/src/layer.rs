@@ -332,7 +332,7 @@ where
         return inner.oneshot(req).await.map(|r| r.map(ResponseBody::new));
     };
 
-    let (mut parts, body) = req.into_parts();
+    let (parts, body) = req.into_parts();
     let declared = content_length(&parts.headers);
     if declared.is_some_and(|n| n > policy.max_body as u64) {
         return Ok(closing(answer(seen, Outcome::Rejected, Problem::BodyTooLarge { limit: policy.max_body })));
@@ -348,9 +348,14 @@ where
     let tenant = policy.scope.tenant(&parts.headers);
     let skey = Scope::storage_key(&tenant, &policy.route, &key);
     seen.key = Some(skey);
-    forward_key(&mut parts.headers, &policy.key_headers, &policy.key_forwarding);
-    let req = Request::from_parts(parts, RequestBody::full(body));
-    let wait_until = Instant::now() + wait_budget(policy, req.headers());
+    let wait_until = Instant::now() + wait_budget(policy, &parts.headers);
+    // Built only when it is forwarded: a replay never needs it.
+    let mut unsent = Some((parts, body));
+    let mut forwarded = || {
+        let (mut parts, body) = unsent.take().unwrap_or_else(|| unreachable!("a request is forwarded once"));
+        forward_key(&mut parts.headers, &policy.key_headers, &policy.key_forwarding);
+        Request::from_parts(parts, RequestBody::full(body))
+    };
 
     let store = &shared.store;
     let backend = store.backend();
@@ -368,7 +373,7 @@ where
                 if lease.took_over {
                     metrics::counter!(m::LEASE_TAKEOVERS_TOTAL).increment(1);
                 }
-                let (res, outcome) = execute(shared.clone(), inner, req, lease).await;
+                let (res, outcome) = execute(shared.clone(), inner, forwarded(), lease).await;
                 seen.outcome = outcome;
                 return res;
             }
@@ -378,7 +383,7 @@ where
                 }
                 seen.outcome = if waiting { Outcome::Joined } else { Outcome::Replayed };
                 meters.saved(stored.usage.as_ref(), stored.model.as_deref());
-                return Ok(replay(*stored, policy.replay_pace));
+                return Ok(replay(*stored, policy));
             }
             Ok(Claim::Mismatch) => return Ok(answer(seen, Outcome::Mismatch, Problem::Mismatch)),
             Ok(Claim::InFlight { lease_until }) => {
@@ -397,7 +402,7 @@ where
                     && let Some(live) = flight.join()
                 {
                     seen.outcome = Outcome::Joined;
-                    return Ok(joined(head, live));
+                    return Ok(joined(head, live, policy));
                 }
                 // Another process runs it and publishes its stream through the store.
                 if let Ok(Some(read)) = store.live_read(&skey, 0).await
@@ -409,7 +414,7 @@ where
                         headers: read.head.headers.clone(),
                         joinable: true,
                     };
-                    return Ok(joined(head, live::follow(store.clone(), skey, read, meters.clone())));
+                    return Ok(joined(head, live::follow(store.clone(), skey, read, meters.clone()), policy));
                 }
                 if waiting {
                     let nap = policy.poll_interval.min(wait_until - now);
@@ -424,7 +429,7 @@ where
                 seen.outcome = Outcome::StoreError;
                 return match policy.on_store_error {
                     OnStoreError::FailClosed => Ok(Problem::StoreUnavailable.into_response()),
-                    OnStoreError::FailOpen => inner.oneshot(req).await.map(|r| r.map(ResponseBody::new)),
+                    OnStoreError::FailOpen => inner.oneshot(forwarded()).await.map(|r| r.map(ResponseBody::new)),
                 };
             }
         }
@@ -506,15 +511,15 @@ fn retry_after(lease_until: Timestamp) -> Duration {
     lease_until.since(now).clamp(Duration::from_millis(100), Duration::from_secs(1))
 }
 
-fn replay(stored: StoredResponse, pace: ReplayPace) -> Response<ResponseBody> {
+fn replay(stored: StoredResponse, policy: &Policy) -> Response<ResponseBody> {
     let status = StatusCode::from_u16(stored.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    let body = match pace {
+    let body = match policy.replay_pace {
         ReplayPace::Recorded if stored.offsets_ms.len() == stored.chunks.len() => {
             ResponseBody::paced(stored.chunks, stored.offsets_ms)
         }
         _ => ResponseBody::from_chunks(stored.chunks),
     };
-    replayed(status, stored.headers, body)
+    replayed(status, stored.headers, body, &policy.replay_headers)
 }
 
 /// A duplicate's share of a live stream: the recorded head, then the body so far and
@@ -522,21 +527,36 @@ fn replay(stored: StoredResponse, pace: ReplayPace) -> Response<ResponseBody> {
 fn joined(
     head: FlightHead,
     live: impl futures_util::Stream<Item = Result<Frame<Bytes>, BoxError>> + Send + 'static,
+    policy: &Policy,
 ) -> Response<ResponseBody> {
-    replayed(head.status, head.headers, ResponseBody::new(http_body_util::StreamBody::new(live)))
+    let body = ResponseBody::new(http_body_util::StreamBody::new(live));
+    replayed(head.status, head.headers, body, &policy.replay_headers)
 }
 
-fn replayed(status: StatusCode, stored: Vec<(String, Bytes)>, body: ResponseBody) -> Response<ResponseBody> {
-    let mut res = Response::new(body);
-    *res.status_mut() = status;
-    let headers = res.headers_mut();
+/// The response of a duplicate. Stored names are those of the route's allow-list
+/// (`allow`) unless the list changed since they were recorded: found there, a name is
+/// shared rather than parsed and allocated again.
+fn replayed(
+    status: StatusCode,
+    stored: Vec<(String, Bytes)>,
+    body: ResponseBody,
+    allow: &[HeaderName],
+) -> Response<ResponseBody> {
+    let mut headers = HeaderMap::with_capacity(stored.len() + 1);
     for (name, value) in stored {
+        let name = match allow.iter().find(|n| n.as_str() == name) {
+            Some(n) => Ok(n.clone()),
+            None => HeaderName::from_bytes(name.as_bytes()),
+        };
         // Names and values were valid when recorded; skip any that are not rather than fail.
-        if let (Ok(n), Ok(v)) = (HeaderName::from_bytes(name.as_bytes()), HeaderValue::from_maybe_shared(value)) {
+        if let (Ok(n), Ok(v)) = (name, HeaderValue::from_maybe_shared(value)) {
             headers.append(n, v);
         }
     }
     headers.insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
+    let mut res = Response::new(body);
+    *res.status_mut() = status;
+    *res.headers_mut() = headers;
     res
 }
 
