@@ -104,10 +104,19 @@ impl fmt::Display for StorageKey {
 }
 
 /// How tenants are told apart.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Scope {
-    secret: Secret,
+    /// The HMAC keyed with the tenant secret, cloned for each tenant: keying it hashes
+    /// two blocks, which every request would otherwise pay again. Derived from the
+    /// secret, so never printed.
+    keyed: Hmac<Sha256>,
     tenant_header: Option<HeaderName>,
+}
+
+impl fmt::Debug for Scope {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Scope").field("secret", &"<redacted>").field("tenant_header", &self.tenant_header).finish()
+    }
 }
 
 /// The secret used when none is configured. Tenant hashes are then still scoped, but
@@ -123,7 +132,10 @@ impl Default for Scope {
 impl Scope {
     /// Tenants keyed by `secret`, taken from the credential headers.
     pub fn new(secret: Secret) -> Self {
-        Self { secret, tenant_header: None }
+        // HMAC accepts keys of any length, so this cannot fail.
+        let keyed = <Hmac<Sha256> as KeyInit>::new_from_slice(secret.expose())
+            .unwrap_or_else(|_| unreachable!("hmac takes any key length"));
+        Self { keyed, tenant_header: None }
     }
 
     /// Takes the tenant from this header instead of the credential (for gateways
@@ -148,9 +160,7 @@ impl Scope {
 
     /// The tenant for one credential, as `idemgate inspect --tenant` computes it.
     pub fn tenant_of(&self, header: &[u8], value: &[u8]) -> Tenant {
-        // HMAC accepts keys of any length, so this cannot fail.
-        let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(self.secret.expose())
-            .unwrap_or_else(|_| unreachable!("hmac takes any key length"));
+        let mut mac = self.keyed.clone();
         mac.update(&(header.len() as u64).to_be_bytes());
         mac.update(header);
         mac.update(&(value.len() as u64).to_be_bytes());
@@ -214,8 +224,21 @@ mod tests {
         assert_eq!(StorageKey::from_hex(&base.to_hex()), Some(base));
     }
 
+    /// Stored keys depend on it: HMAC-SHA256 under the secret of the length-prefixed
+    /// header name and value (the value checked against Python's `hmac`).
+    #[test]
+    fn tenant_is_the_hmac_of_the_length_prefixed_credential() {
+        let s = Scope::new(Secret::new("x"));
+        for _ in 0..2 {
+            let t = s.tenant(&headers(&[("authorization", "Bearer sk-a")]));
+            assert_eq!(hex::encode(t.as_bytes()), "68c1ef5cdcb48b01c17aeba276ee609e0c97d91b54a808dada7101e4e2716f00");
+        }
+    }
+
     #[test]
     fn secrets_are_redacted() {
         assert_eq!(format!("{:?}", Secret::new("hunter2")), "Secret(<redacted>)");
+        let scope = format!("{:?}", Scope::new(Secret::new("hunter2")));
+        assert_eq!(scope, r#"Scope { secret: "<redacted>", tenant_header: None }"#);
     }
 }
