@@ -60,9 +60,12 @@
 //!   and then forgets it, so retrying would report success over pages that never
 //!   reached the disk, and the next checkpoint would rewind the WAL over their only
 //!   copy. When a sync of the file or its WAL fails, the store stops writing and
-//!   checkpointing (also when it closes), every operation answers `Unavailable`
-//!   (`/readyz` too), and an error in the log says to restart the process: the next
-//!   open rebuilds the WAL's index and copies every committed operation into the file.
+//!   checkpointing (also when it closes), every operation that needs the file answers
+//!   `Unavailable` (`/readyz` too; replays already held in memory, being committed, are
+//!   still served), and an error in the log says to restart the process: the next open
+//!   rebuilds the WAL's index and copies every committed operation into the file.
+//!   Another process that opens the file meanwhile (`idemgate inspect`, `purge`) does
+//!   not know of the failure and may checkpoint: restart the gateway first.
 //! - **A lease dropped without `complete` or `release`** (the owner crashed) runs out
 //!   at its `lease_until`; the next claim of the same request takes it over, and the
 //!   old owner's token is fenced out. The key stays bound to its request until then.
@@ -134,7 +137,8 @@ pub const SCHEMA_VERSION: u32 = schema::SCHEMA_VERSION;
 /// dropping the last one finishes the queued operations and closes the file.
 ///
 /// That last drop waits for the writer thread (the batch in progress, then the
-/// close, which checkpoints the WAL): milliseconds. Drop it at shutdown, not in a hot path.
+/// close, which checkpoints the WAL unless the store halted after a failed sync):
+/// milliseconds. Drop it at shutdown, not in a hot path.
 ///
 /// See the [crate docs](crate) for its behaviour on expiry, errors and crashes.
 #[derive(Clone)]
@@ -143,7 +147,7 @@ pub struct SqliteStore {
 }
 
 struct Inner {
-    // Stopped first: the writer's close then checkpoints whatever is left.
+    // Stopped first: the writer's close then checkpoints whatever is left (unless halted).
     _checkpointer: Option<Checkpointer>,
     // Dropped next: it finishes the queued operations and closes the file.
     writer: Writer,

@@ -51,9 +51,10 @@ impl Turns {
 /// sync succeeds, though the pages it could not write are lost from the cache and the
 /// disk alike. A checkpoint after that would rewind the WAL over the only good copy of
 /// those pages, and SQLite has no way to copy them again. So a halted store writes
-/// and checkpoints nothing more, not even when it closes, and every operation fails
-/// as unavailable; the WAL keeps every committed operation, and the next process to
-/// open the file rebuilds the WAL's index and copies all of it again.
+/// and checkpoints nothing more, not even when it closes, and every operation that
+/// reaches the writer fails as unavailable (replays already held in memory, which are
+/// committed, are still served); the WAL keeps every committed operation, and the next
+/// process to open the file rebuilds the WAL's index and copies all of it again.
 #[derive(Clone, Default)]
 pub(crate) struct Halt(Arc<OnceLock<String>>);
 
@@ -96,6 +97,10 @@ pub(crate) trait Job: Send {
     /// Answers the caller once the batch is over: with its own outcome if the batch
     /// committed, or with `failure` if it did not.
     fn finish(self: Box<Self>, failure: Option<&Failure>, notifier: &Notifier);
+
+    /// The SQLite error the operation itself failed with, if any: a sync can fail
+    /// inside one (the first write after the WAL was rewound syncs its header).
+    fn sqlite_error(&self) -> Option<&rusqlite::Error>;
 }
 
 /// Why a whole batch failed: it could not begin, a savepoint could not be taken or
@@ -162,6 +167,11 @@ where
         let ok = outcome.is_ok();
         self.outcome = Some(outcome);
         ok
+    }
+
+    fn sqlite_error(&self) -> Option<&rusqlite::Error> {
+        let error = self.outcome.as_ref()?.as_ref().err()?;
+        std::iter::successors(std::error::Error::source(error), |e| e.source()).find_map(|e| e.downcast_ref())
     }
 
     fn finish(self: Box<Self>, failure: Option<&Failure>, notifier: &Notifier) {
@@ -257,6 +267,9 @@ fn run(
         };
         if let Some(failure) = &failure {
             halt.on(&failure.error, &file);
+        }
+        for error in batch.iter().filter_map(|job| job.sqlite_error()) {
+            halt.on(error, &file);
         }
         MutexGuard::unlock_fair(turn);
         for job in batch.drain(..) {
@@ -508,6 +521,32 @@ mod tests {
         }
     }
 
+    /// A sync that fails inside an operation (SQLite syncing the WAL's header) halts
+    /// the writer too: the next batch is refused, not retried.
+    #[test]
+    fn a_sync_failing_inside_an_operation_halts_the_writer() {
+        let conn = Connection::open_in_memory().unwrap();
+        conn.execute_batch("CREATE TABLE t (n INTEGER)").unwrap();
+        let halt = Halt::default();
+        let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+        let writer = Writer::spawn(conn, Turns::default(), halt.clone(), clock, Arc::new(Notifier::new())).unwrap();
+        let (job, failed) = Task::job(
+            |_: &Connection, _| -> Result<(), StoreError> {
+                let sync = ffi::Error::new(ffi::SQLITE_IOERR_FSYNC);
+                Err(sqlite_error("sqlite commit failed")(rusqlite::Error::SqliteFailure(sync, None)))
+            },
+            None,
+        );
+        writer.submit(job).unwrap();
+        assert!(failed.blocking_recv().unwrap().is_err());
+        let (job, refused) = insert(1, false);
+        writer.submit(job).unwrap();
+        let error = refused.blocking_recv().unwrap().unwrap_err();
+        assert_eq!(error.kind(), ErrorKind::Unavailable);
+        assert!(error.to_string().contains("failed sync"), "{error}");
+        assert!(halt.reason().is_some());
+    }
+
     /// A sync that fails halts the store for good: every operation fails from then
     /// on, even once syncs work again; nothing is checkpointed, not even at close; and
     /// the next open finds every committed record in the WAL.
@@ -526,6 +565,8 @@ mod tests {
                 let Ok(Claim::Acquired(lease)) = store.claim(&key(n), &fp(n), LEASE).await else { panic!("claim {n}") };
                 store.complete(&lease, &response, TTL).await.unwrap();
             }
+            // A replay of it is now held in memory.
+            assert!(matches!(store.claim(&key(0), &fp(0), LEASE).await, Ok(Claim::Completed(_))));
             // Writes go on until the checkpointer's next sync fails.
             fail_syncs(&path, true);
             let mut n = 50;
@@ -545,6 +586,8 @@ mod tests {
             assert_eq!(store.claim(&key(n), &fp(n), LEASE).await.unwrap_err().kind(), ErrorKind::Unavailable);
             assert!(store.get(&key(0)).await.is_err(), "reads fail too");
             assert!(store.ping().await.is_err(), "and so does readiness");
+            // Committed before the failure and held in memory: still replayed.
+            assert!(matches!(store.claim(&key(0), &fp(0), LEASE).await, Ok(Claim::Completed(_))));
             n
         });
         let wal_size = std::fs::metadata(&wal).unwrap().len();
