@@ -263,14 +263,16 @@ fn run(
         batch.extend(jobs.try_iter().take(MAX_BATCH - 1));
         let failure = match halt.reason() {
             Some(reason) => Some(Failure::halted(reason)),
-            None => execute(&conn, &mut batch, clock).err(),
+            None => {
+                let failure = execute(&conn, &mut batch, clock).err();
+                // A sync fails at the commit or inside an operation.
+                let errors = failure.iter().map(|f| &f.error).chain(batch.iter().filter_map(|job| job.sqlite_error()));
+                for error in errors {
+                    halt.on(error, &file);
+                }
+                failure
+            }
         };
-        if let Some(failure) = &failure {
-            halt.on(&failure.error, &file);
-        }
-        for error in batch.iter().filter_map(|job| job.sqlite_error()) {
-            halt.on(error, &file);
-        }
         MutexGuard::unlock_fair(turn);
         for job in batch.drain(..) {
             job.finish(failure.as_ref(), notifier);
@@ -371,10 +373,8 @@ impl Drop for Checkpointer {
 
 fn checkpoint_loop(mut ckpt: Checkpoint, halt: &Halt, stop: &Receiver<()>, name: &str) {
     let mut failing = false;
-    while let Err(RecvTimeoutError::Timeout) = stop.recv_timeout(CHECKPOINT_EVERY) {
-        if halt.reason().is_some() {
-            continue;
-        }
+    // Halted, there is nothing left to do until the store closes.
+    while halt.reason().is_none() && stop.recv_timeout(CHECKPOINT_EVERY) == Err(RecvTimeoutError::Timeout) {
         match ckpt.run() {
             Ok(()) if failing => {
                 failing = false;
