@@ -569,11 +569,17 @@ impl Conn {
         let status =
             res.code.and_then(|c| StatusCode::from_u16(c).ok()).ok_or(SendError::Invalid("a bad status code"))?;
         let version = if res.version == Some(1) { Version::HTTP_11 } else { Version::HTTP_10 };
+        // The values share one copy of the head, not one allocation each; a copy, not
+        // a slice of the read buffer, which would stay pinned as long as a value lives.
+        let start = self.buf.as_ptr() as usize;
+        let copy = Bytes::copy_from_slice(&self.buf[..len]);
         let mut headers = HeaderMap::with_capacity(res.headers.len());
         for field in res.headers.iter() {
             let name =
                 HeaderName::from_bytes(field.name.as_bytes()).map_err(|_| SendError::Invalid("a bad header name"))?;
-            let value = HeaderValue::from_bytes(field.value).map_err(|_| SendError::Invalid("a bad header value"))?;
+            let at = field.value.as_ptr() as usize - start;
+            let value = HeaderValue::from_maybe_shared(copy.slice(at..at + field.value.len()))
+                .map_err(|_| SendError::Invalid("a bad header value"))?;
             headers.append(name, value);
         }
         self.buf.advance(len);

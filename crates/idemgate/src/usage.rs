@@ -10,6 +10,9 @@
 //! reads non-streamed bodies ([`from_json_body`]) and holds the per-API field mapping both
 //! share.
 
+use serde::Deserialize;
+use serde::de::value::MapAccessDeserializer;
+use serde::de::{IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde_json::Value;
 use serde_json::value::RawValue;
 
@@ -75,11 +78,11 @@ pub fn from_json_body(body: &[u8]) -> Option<(Usage, Option<String>)> {
     }
     match serde_json::from_slice::<Top<'_>>(body) {
         Ok(top) => {
-            let u: Value = serde_json::from_str(top.usage?.get()).ok()?;
-            let usage = classify(&u, string(top.object).as_deref(), string(top.kind).as_deref())?;
+            let Field::Object(counters) = top.usage else { return None };
+            let usage = counters.classify(string(top.object).as_deref(), string(top.kind).as_deref());
             Some((usage, string(top.model)))
         }
-        // A duplicate field, which the struct refuses and `Value` takes the last of.
+        // A duplicate field, which the structs refuse and `Value` takes the last of.
         Err(_) => from_whole_tree(body),
     }
 }
@@ -88,17 +91,17 @@ pub fn from_json_body(body: &[u8]) -> Option<(Usage, Option<String>)> {
 fn from_whole_tree(body: &[u8]) -> Option<(Usage, Option<String>)> {
     let v: Value = serde_json::from_slice(body).ok()?;
     let str_at = |key| v.get(key).and_then(Value::as_str);
-    let usage = classify(v.get("usage")?, str_at("object"), str_at("type"))?;
+    let usage = Counters::of(v.get("usage")?)?.classify(str_at("object"), str_at("type"));
     Some((usage, str_at("model").map(str::to_owned)))
 }
 
 /// The top-level fields [`from_json_body`] reads. Everything else, the generated text
-/// included, is skipped without building a tree: a tenth of the work of parsing the
-/// whole body into a `Value`.
+/// included, is skipped without building a tree, and `usage` is read into [`Counters`]:
+/// a fraction of the work of parsing the whole body into a `Value`.
 #[derive(serde::Deserialize)]
 struct Top<'a> {
-    #[serde(borrow, default)]
-    usage: Option<&'a RawValue>,
+    #[serde(default)]
+    usage: Field<Counters>,
     #[serde(borrow, default)]
     model: Option<&'a RawValue>,
     #[serde(borrow, default)]
@@ -112,58 +115,177 @@ fn string(raw: Option<&RawValue>) -> Option<String> {
     raw.filter(|r| r.get().starts_with('"')).and_then(|r| serde_json::from_str(r.get()).ok())
 }
 
-/// Reads `usage` by the API its fields (and the body's `object` and `type`) reveal.
-fn classify(u: &Value, object: Option<&str>, kind: Option<&str>) -> Option<Usage> {
-    if u.get("prompt_tokens").is_some() || u.get("completion_tokens").is_some() {
-        chat(u)
-    } else if object == Some("response")
-        || u.get("input_tokens_details").is_some()
-        || u.get("output_tokens_details").is_some()
-    {
-        responses(u)
-    } else if kind == Some("message")
-        || u.get("cache_read_input_tokens").is_some()
-        || u.get("cache_creation_input_tokens").is_some()
-    {
-        anthropic(u)
-    } else {
-        responses(u)
+/// A field of a usage object as the readings below need it: whether it is there at all
+/// (`null` included), and its count or object when it is one.
+#[derive(Default)]
+enum Field<T> {
+    #[default]
+    Absent,
+    Count(u64),
+    Object(T),
+    Other,
+}
+
+impl<T> Field<T> {
+    fn present(&self) -> bool {
+        !matches!(self, Self::Absent)
+    }
+
+    /// The count: 0 when missing or not a non-negative integer (as `Value::as_u64`).
+    fn count(&self) -> u64 {
+        match self {
+            Self::Count(n) => *n,
+            _ => 0,
+        }
+    }
+
+    fn object(&self) -> Option<&T> {
+        match self {
+            Self::Object(t) => Some(t),
+            _ => None,
+        }
     }
 }
 
-/// A counter at `path` below `v`, 0 when missing or not a non-negative integer.
-fn count(v: &Value, path: &[&str]) -> u64 {
-    path.iter().try_fold(v, |v, key| v.get(key)).and_then(Value::as_u64).unwrap_or(0)
+impl<'de, T: serde::Deserialize<'de>> serde::Deserialize<'de> for Field<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(FieldVisitor(std::marker::PhantomData))
+    }
+}
+
+struct FieldVisitor<T>(std::marker::PhantomData<T>);
+
+impl<'de, T: serde::Deserialize<'de>> Visitor<'de> for FieldVisitor<T> {
+    type Value = Field<T>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_u64<E>(self, n: u64) -> Result<Self::Value, E> {
+        Ok(Field::Count(n))
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+        T::deserialize(MapAccessDeserializer::new(map)).map(Field::Object)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        Ok(Field::Other)
+    }
+
+    fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+        Ok(Field::Other)
+    }
+
+    fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+        Ok(Field::Other)
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+        Ok(Field::Other)
+    }
+
+    fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
+        Ok(Field::Other)
+    }
+
+    fn visit_unit<E>(self) -> Result<Self::Value, E> {
+        Ok(Field::Other)
+    }
+}
+
+/// A counter that is an object or an array counts 0, whatever it holds.
+type Count = Field<IgnoredAny>;
+
+/// The counters of a `usage` object of any of the three APIs: the one place that names
+/// their fields. Read straight from a body's text, or from a `Value` (stream events).
+#[derive(serde::Deserialize, Default)]
+#[serde(default)]
+struct Counters {
+    prompt_tokens: Count,
+    completion_tokens: Count,
+    input_tokens: Count,
+    output_tokens: Count,
+    cache_creation_input_tokens: Count,
+    cache_read_input_tokens: Count,
+    prompt_tokens_details: Field<Details>,
+    completion_tokens_details: Field<Details>,
+    input_tokens_details: Field<Details>,
+    output_tokens_details: Field<Details>,
+}
+
+/// The `*_tokens_details` objects' counters.
+#[derive(serde::Deserialize, Default)]
+#[serde(default)]
+struct Details {
+    cached_tokens: Count,
+    reasoning_tokens: Count,
+}
+
+impl Counters {
+    /// The counters of the usage object `u`; `None` when it is not an object.
+    fn of(u: &Value) -> Option<Self> {
+        // An array would be read as the fields in order.
+        u.as_object()?;
+        Self::deserialize(u).ok()
+    }
+
+    /// Reads the counters by the API their fields (and the body's `object` and `type`)
+    /// reveal.
+    fn classify(&self, object: Option<&str>, kind: Option<&str>) -> Usage {
+        if self.prompt_tokens.present() || self.completion_tokens.present() {
+            self.chat()
+        } else if object == Some("response")
+            || self.input_tokens_details.present()
+            || self.output_tokens_details.present()
+        {
+            self.responses()
+        } else if kind == Some("message")
+            || self.cache_read_input_tokens.present()
+            || self.cache_creation_input_tokens.present()
+        {
+            let mut totals = AnthropicUsage::default();
+            totals.take(self);
+            totals.usage()
+        } else {
+            self.responses()
+        }
+    }
+
+    fn detail(details: &Field<Details>, count: impl Fn(&Details) -> &Count) -> u64 {
+        details.object().map_or(0, |d| count(d).count())
+    }
+
+    fn chat(&self) -> Usage {
+        Usage {
+            input: self.prompt_tokens.count(),
+            cached_input: Self::detail(&self.prompt_tokens_details, |d| &d.cached_tokens),
+            output: self.completion_tokens.count(),
+            reasoning: Self::detail(&self.completion_tokens_details, |d| &d.reasoning_tokens),
+        }
+    }
+
+    fn responses(&self) -> Usage {
+        Usage {
+            input: self.input_tokens.count(),
+            cached_input: Self::detail(&self.input_tokens_details, |d| &d.cached_tokens),
+            output: self.output_tokens.count(),
+            reasoning: Self::detail(&self.output_tokens_details, |d| &d.reasoning_tokens),
+        }
+    }
 }
 
 /// An OpenAI Chat Completions `usage` object (also the streamed usage chunk's); `None`
 /// when it is not an object (`"usage": null` on ordinary chunks).
 pub(crate) fn chat(u: &Value) -> Option<Usage> {
-    u.as_object()?;
-    Some(Usage {
-        input: count(u, &["prompt_tokens"]),
-        cached_input: count(u, &["prompt_tokens_details", "cached_tokens"]),
-        output: count(u, &["completion_tokens"]),
-        reasoning: count(u, &["completion_tokens_details", "reasoning_tokens"]),
-    })
+    Counters::of(u).map(|c| c.chat())
 }
 
 /// An OpenAI Responses `usage` object; `None` when it is not an object.
 pub(crate) fn responses(u: &Value) -> Option<Usage> {
-    u.as_object()?;
-    Some(Usage {
-        input: count(u, &["input_tokens"]),
-        cached_input: count(u, &["input_tokens_details", "cached_tokens"]),
-        output: count(u, &["output_tokens"]),
-        reasoning: count(u, &["output_tokens_details", "reasoning_tokens"]),
-    })
-}
-
-/// An Anthropic Messages `usage` object, complete (a non-streamed body); `None` when it
-/// is not an object.
-pub(crate) fn anthropic(u: &Value) -> Option<Usage> {
-    let mut partial = AnthropicUsage::default();
-    partial.merge(u).then(|| partial.usage())
+    Counters::of(u).map(|c| c.responses())
 }
 
 /// Anthropic usage as it builds up over a stream: `message_start` gives every counter,
@@ -181,18 +303,22 @@ impl AnthropicUsage {
     /// Takes the counters present in the usage object `u`; false when `u` is not an
     /// object.
     pub(crate) fn merge(&mut self, u: &Value) -> bool {
-        let Some(o) = u.as_object() else { return false };
-        for (key, slot) in [
-            ("input_tokens", &mut self.input),
-            ("cache_creation_input_tokens", &mut self.cache_creation),
-            ("cache_read_input_tokens", &mut self.cache_read),
-            ("output_tokens", &mut self.output),
+        Counters::of(u).map(|c| self.take(&c)).is_some()
+    }
+
+    /// Takes the counters that are counts: one left out, null or of another kind keeps
+    /// its value.
+    fn take(&mut self, c: &Counters) {
+        for (field, slot) in [
+            (&c.input_tokens, &mut self.input),
+            (&c.cache_creation_input_tokens, &mut self.cache_creation),
+            (&c.cache_read_input_tokens, &mut self.cache_read),
+            (&c.output_tokens, &mut self.output),
         ] {
-            if let Some(n) = o.get(key).and_then(Value::as_u64) {
-                *slot = Some(n);
+            if let Field::Count(n) = field {
+                *slot = Some(*n);
             }
         }
-        true
     }
 
     /// The totals in the [`Usage`] convention.
@@ -366,7 +492,7 @@ mod tests {
     /// The skipping parser reads what parsing the whole body into a `Value` reads.
     #[test]
     fn skipping_parse_agrees_with_the_whole_tree() {
-        let bodies: [&[u8]; 9] = [
+        let bodies: [&[u8]; 18] = [
             br#"{"model":"gpt-\u00e9","usage":{"prompt_tokens":1}}"#,
             br#"{"model":7,"usage":{"prompt_tokens":1}}"#,
             br#"{"model":null,"object":"response","usage":{"input_tokens":3}}"#,
@@ -376,6 +502,15 @@ mod tests {
             br#"{"usage":{"prompt_tokens":1}} trailing"#,
             br#"{"usage":{"prompt_tokens":1},"choices":[{"message":{"content":"\"}"}}]}"#,
             br#"{"usage":"none"}"#,
+            br#"{"usage":{"prompt_tokens":1,"prompt_tokens":2}}"#,
+            br#"{"usage":{"prompt\u005ftokens":4,"completion_tokens":{"n":1},"prompt_tokens_details":[1,{"a":2}]}}"#,
+            br#"{"usage":{"prompt_tokens":3,"prompt_tokens_details":{"cached_tokens":1,"cached_tokens":2}}}"#,
+            br#"{"usage":{"input_tokens":3,"output_tokens_details":null}}"#,
+            br#"{"usage":{"input_tokens":3,"input_tokens_details":{"cached_tokens":"2"}}}"#,
+            br#"{"type":"message","usage":{"input_tokens":1e2,"output_tokens":18446744073709551616}}"#,
+            br#"{"usage":{"cache_read_input_tokens":true,"output_tokens":7}}"#,
+            br#"{"usage":{"output_tokens":-0,"input_tokens":0}}"#,
+            br#"{"usage":[1,2]}"#,
         ];
         for body in bodies {
             assert_eq!(from_json_body(body), from_whole_tree(body), "{}", String::from_utf8_lossy(body));
