@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use idemgate::Store;
-use idemgate_proxy::{Admin, Proxy, UpstreamClient, serve, serve_admin};
+use idemgate_proxy::{Admin, Proxy, UpstreamClient, serve, serve_admin, serve_on_cores};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -72,6 +72,7 @@ fn install_metrics() -> anyhow::Result<PrometheusHandle> {
 async fn serve_until_signal(config: Config) -> anyhow::Result<()> {
     let metrics = install_metrics()?;
     let store = crate::store::open(&config.store).await?;
+    let backend = store.backend();
     let client = UpstreamClient::new(config.timeouts).context("cannot build the upstream client")?;
     let routes = config.routes.iter().map(config::RouteConfig::to_route).collect();
     let proxy = Proxy::new(routes, store.clone(), client).context("invalid route")?;
@@ -104,12 +105,41 @@ async fn serve_until_signal(config: Config) -> anyhow::Result<()> {
     let upkeep = tokio::spawn(upkeep(metrics, stopped(stop_rx.clone())));
     let sweeper = tokio::spawn(sweep(store, config.sweep_interval, stopped(stop_rx.clone())));
     let trimmer = tokio::spawn(crate::trim::after_bursts(stopped(stop_rx.clone())));
-    let proxy_task = tokio::spawn(serve(listener, proxy, stopped(stop_rx)));
+    // Memory and SQLite answer without tasks of their own: their requests run on one
+    // thread per core. Redis and PostgreSQL clients drive each connection from a task
+    // on this runtime, so their requests stay on it too.
+    let per_core = matches!(backend, "memory" | "sqlite");
+    let mut proxy_task = tokio::spawn(async move {
+        if per_core {
+            return serve_on_cores(listener, proxy, stopped(stop_rx)).await;
+        }
+        serve(listener, proxy, stopped(stop_rx)).await;
+        Ok(())
+    });
 
-    shutdown_signal().await;
-    tracing::info!("shutting down: no new connections; waiting for open ones");
+    // The proxy ends before the signal only when it could not start.
+    let failed = tokio::select! {
+        () = shutdown_signal() => None,
+        ended = &mut proxy_task => Some(ended),
+    };
+    match &failed {
+        None => tracing::info!("shutting down: no new connections; waiting for open ones"),
+        Some(_) => tracing::error!("the proxy stopped; shutting down"),
+    }
     let _ = stop_tx.send(true);
-    let _ = tokio::join!(proxy_task, admin_task, upkeep, sweeper, trimmer);
+    let (ended, ..) = tokio::join!(
+        async {
+            match failed {
+                Some(ended) => ended,
+                None => proxy_task.await,
+            }
+        },
+        admin_task,
+        upkeep,
+        sweeper,
+        trimmer
+    );
+    ended.context("the proxy task panicked")?.context("cannot serve the proxy")?;
     tracing::info!("stopped");
     Ok(())
 }

@@ -22,6 +22,7 @@ use std::io;
 use std::pin::Pin;
 use std::sync::{Arc, Once, Weak};
 use std::task::{Context, Poll, Waker};
+use std::thread::ThreadId;
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -261,10 +262,20 @@ impl HostPool {
         Ok(res)
     }
 
-    /// The most recently used live idle connection, or a new one.
+    /// The most recently used live idle connection, one made on this thread first, or a
+    /// new one. A connection is served by the reactor of the runtime it was made on:
+    /// used from another thread's runtime, every read would wait for that thread to
+    /// pass its readiness on.
     async fn checkout(self: &Arc<Self>) -> Result<(Conn, bool), SendError> {
+        let here = this_thread();
         loop {
-            let Some(idle) = self.idle.lock().pop_back() else { break };
+            let Some(idle) = ({
+                let mut idle = self.idle.lock();
+                let at = idle.iter().rposition(|i| i.conn.home == here).or_else(|| idle.len().checked_sub(1));
+                at.and_then(|at| idle.remove(at))
+            }) else {
+                break;
+            };
             let mut conn = idle.conn;
             if idle.since.elapsed() >= self.settings.idle_timeout {
                 continue;
@@ -321,7 +332,7 @@ impl HostPool {
         } else {
             Either::Left(tcp)
         };
-        Ok(Conn { io, buf: BytesMut::new(), grown: false })
+        Ok(Conn { io, buf: BytesMut::new(), grown: false, home: this_thread() })
     }
 
     fn put(self: &Arc<Self>, mut conn: Conn) {
@@ -444,6 +455,14 @@ struct Conn {
     buf: BytesMut,
     /// The buffer was grown past [`READ_SIZE`] for a large body.
     grown: bool,
+    /// The thread it was made on, whose runtime's reactor serves it.
+    home: ThreadId,
+}
+
+/// The calling thread's id, without the reference count `thread::current()` takes.
+fn this_thread() -> ThreadId {
+    thread_local! { static HERE: ThreadId = std::thread::current().id(); }
+    HERE.with(|id| *id)
 }
 
 impl Conn {
@@ -993,6 +1012,25 @@ mod tests {
         let res = pool.send(&Method::POST, "/", &HeaderMap::new(), json("{}")).await.expect("response");
         assert_eq!(read(res).await.expect("body").0, b"{\"id\":\"a\"}\n");
         assert_eq!((up.requests().len(), up.connections()), (2, 2));
+    }
+
+    #[tokio::test]
+    async fn a_thread_takes_back_its_own_connection_before_another_threads() {
+        let up = Scripted::start(Vec::new(), false).await;
+        let pool = up.pool();
+        let elsewhere = std::thread::spawn(|| std::thread::current().id()).join().expect("thread");
+        let mine = pool.connect().await.expect("connect");
+        let mut theirs = pool.connect().await.expect("connect");
+        theirs.home = elsewhere;
+        pool.put(mine);
+        pool.put(theirs);
+        let (conn, reused) = pool.checkout().await.expect("checkout");
+        assert!(reused);
+        assert_eq!(conn.home, this_thread(), "this thread's, though the other is the more recent");
+        let (conn, reused) = pool.checkout().await.expect("checkout");
+        assert!(reused);
+        assert_eq!(conn.home, elsewhere, "with none of its own left, another thread's");
+        assert_eq!(up.connections(), 2);
     }
 
     #[tokio::test]

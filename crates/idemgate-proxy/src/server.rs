@@ -11,24 +11,54 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use hyper_util::service::TowerToHyperService;
 use idemgate::Store;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch};
 use tower::service_fn;
-use tower_service::Service;
 
 use crate::route::Proxy;
 
 /// How long shutdown waits for open connections (and the calls they carry) to finish.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
-/// Serves the proxy on `listener` until `shutdown` resolves, then stops accepting and
-/// waits up to [`SHUTDOWN_GRACE`] for open connections to finish, and up to as long
-/// again for the calls that outlived their clients (an owner whose client hung up, a
-/// stream still being recorded), so that what the upstream produced is recorded.
+/// Serves the proxy on `listener`, on the runtime this runs on, until `shutdown`
+/// resolves; then stops accepting and waits up to [`SHUTDOWN_GRACE`] for open
+/// connections to finish, and up to as long again for the calls that outlived their
+/// clients (an owner whose client hung up, a stream still being recorded), so that
+/// what the upstream produced is recorded.
 pub async fn serve(listener: TcpListener, proxy: Proxy, shutdown: impl Future<Output = ()>) {
-    accept_loop(listener, proxy.clone(), shutdown).await;
+    let builder = auto::Builder::new(TokioExecutor::new());
+    accept_loop(listener, shutdown, |stream, watcher| spawn_connection(&builder, stream, watcher, proxy.clone())).await;
+    drain(&proxy).await;
+}
+
+/// [`serve`], with connections served on threads of their own, one per core (as
+/// [`std::thread::available_parallelism`] counts them), each with a single-threaded
+/// runtime, as nginx runs one process per core: a request runs start to end on one
+/// thread, without the wake-ups of idle workers and the task stealing that a shared
+/// multi-threaded runtime does for every event. The runtime this runs on only accepts.
+///
+/// For stores that answer without tasks of their own (memory, SQLite's writer
+/// thread). A client whose connections are driven by tasks on the runtime that made
+/// them (Redis, PostgreSQL) would have every store call cross threads twice: serve
+/// those with [`serve`]. Fails only when the threads cannot be started.
+pub async fn serve_on_cores(
+    listener: TcpListener,
+    proxy: Proxy,
+    shutdown: impl Future<Output = ()>,
+) -> std::io::Result<()> {
+    let workers = Workers::start(&proxy)?;
+    let mut next = 0;
+    accept_loop(listener, shutdown, |stream, watcher| workers.hand(&mut next, stream, watcher)).await;
+    drain(&proxy).await;
+    workers.stop().await;
+    Ok(())
+}
+
+/// Waits for the calls that outlived their clients, up to [`SHUTDOWN_GRACE`].
+async fn drain(proxy: &Proxy) {
     let running = proxy.running_on();
     if running > 0 {
         tracing::info!(target: "idemgate::server", calls = running, "waiting for calls that outlived their clients");
@@ -40,6 +70,100 @@ pub async fn serve(listener: TcpListener, proxy: Proxy, shutdown: impl Future<Ou
             "calls still running after {SHUTDOWN_GRACE:?}; their leases will run out and retries will run them again"
         );
     }
+}
+
+/// Serves one connection on a task of the current runtime, under `watcher`.
+fn spawn_connection<S, B>(builder: &auto::Builder<TokioExecutor>, stream: TcpStream, watcher: Watcher, svc: S)
+where
+    S: tower_service::Service<Request<Incoming>, Response = Response<B>, Error = Infallible> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), TowerToHyperService::new(svc));
+    let conn = watcher.watch(conn.into_owned());
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(target: "idemgate::server", error = %e, "connection ended with an error");
+        }
+    });
+}
+
+/// A connection on its way to a worker, and the graceful-shutdown watch it runs under.
+type Handed = (std::net::TcpStream, Watcher);
+
+/// The threads that serve the proxy's connections.
+struct Workers {
+    inboxes: Vec<mpsc::UnboundedSender<Handed>>,
+    stop: watch::Sender<bool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Workers {
+    fn start(proxy: &Proxy) -> std::io::Result<Self> {
+        let count = std::thread::available_parallelism().map_or(1, usize::from);
+        let (stop, stopped) = watch::channel(false);
+        let mut workers = Self { inboxes: Vec::with_capacity(count), stop, threads: Vec::with_capacity(count) };
+        for n in 0..count {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let (tx, rx) = mpsc::unbounded_channel();
+            let (proxy, stopped) = (proxy.clone(), stopped.clone());
+            let thread = std::thread::Builder::new()
+                .name(format!("idemgate-conn-{n}"))
+                .spawn(move || runtime.block_on(work(rx, proxy, stopped)))?;
+            workers.inboxes.push(tx);
+            workers.threads.push(thread);
+        }
+        Ok(workers)
+    }
+
+    /// Hands a connection to the next worker in turn (the one after, should a worker
+    /// have died).
+    fn hand(&self, next: &mut usize, stream: TcpStream, watcher: Watcher) {
+        let mut handed = match stream.into_std() {
+            Ok(stream) => (stream, watcher),
+            Err(e) => {
+                tracing::warn!(target: "idemgate::server", error = %e, "cannot hand a connection over");
+                return;
+            }
+        };
+        for _ in 0..self.inboxes.len() {
+            *next = (*next + 1) % self.inboxes.len();
+            match self.inboxes[*next].send(handed) {
+                Ok(()) => return,
+                Err(mpsc::error::SendError(back)) => handed = back,
+            }
+        }
+        tracing::error!(target: "idemgate::server", "every connection worker has stopped; connection closed");
+    }
+
+    /// Lets the workers end, once what runs on them has been waited for.
+    async fn stop(self) {
+        let Self { inboxes, stop, threads } = self;
+        drop(inboxes);
+        let _ = stop.send(true);
+        let _ = tokio::task::spawn_blocking(move || {
+            for thread in threads {
+                if thread.join().is_err() {
+                    tracing::error!(target: "idemgate::server", "a connection worker panicked");
+                }
+            }
+        })
+        .await;
+    }
+}
+
+/// One worker: serves the connections it is handed, then keeps its runtime turning
+/// (for the calls that outlive their connections) until it is told to stop.
+async fn work(mut inbox: mpsc::UnboundedReceiver<Handed>, proxy: Proxy, mut stopped: watch::Receiver<bool>) {
+    let builder = auto::Builder::new(TokioExecutor::new());
+    while let Some((stream, watcher)) = inbox.recv().await {
+        match TcpStream::from_std(stream) {
+            Ok(stream) => spawn_connection(&builder, stream, watcher, proxy.clone()),
+            Err(e) => tracing::warn!(target: "idemgate::server", error = %e, "cannot take a connection over"),
+        }
+    }
+    let _ = stopped.wait_for(|stop| *stop).await;
 }
 
 /// What the admin listener serves.
@@ -97,17 +221,17 @@ pub async fn serve_admin(listener: TcpListener, admin: Admin, shutdown: impl Fut
         let admin = admin.clone();
         async move { Ok::<_, Infallible>(admin.answer(req).await) }
     });
-    accept_loop(listener, svc, shutdown).await;
+    let builder = auto::Builder::new(TokioExecutor::new());
+    accept_loop(listener, shutdown, |stream, watcher| spawn_connection(&builder, stream, watcher, svc.clone())).await;
 }
 
-async fn accept_loop<S, B>(listener: TcpListener, svc: S, shutdown: impl Future<Output = ()>)
-where
-    S: Service<Request<Incoming>, Response = Response<B>, Error = Infallible> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-    B: http_body::Body<Data = Bytes> + Send + 'static,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
-    let builder = auto::Builder::new(TokioExecutor::new());
+/// Accepts connections and gives each, with its graceful-shutdown watch, to `serve`,
+/// until `shutdown` resolves; then waits up to [`SHUTDOWN_GRACE`] for them to end.
+async fn accept_loop(
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+    mut serve: impl FnMut(TcpStream, Watcher),
+) {
     let graceful = GracefulShutdown::new();
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
@@ -124,13 +248,7 @@ where
             () = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
-        let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), TowerToHyperService::new(svc.clone()));
-        let conn = graceful.watch(conn.into_owned());
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(target: "idemgate::server", error = %e, "connection ended with an error");
-            }
-        });
+        serve(stream, graceful.watcher());
     }
     drop(listener);
     if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown()).await.is_err() {

@@ -13,7 +13,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use idemgate::{MemoryStore, Policy, Store};
-use idemgate_proxy::{Proxy, Route, Timeouts, UpstreamClient, serve};
+use idemgate_proxy::{Proxy, Route, Timeouts, UpstreamClient, serve_on_cores};
 use idemgate_testkit::mock::{self, MockUpstream};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -26,7 +26,7 @@ const CHAT: &str = r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content
 struct Gateway {
     addr: SocketAddr,
     stop: Option<oneshot::Sender<()>>,
-    task: Option<JoinHandle<()>>,
+    task: Option<JoinHandle<std::io::Result<()>>>,
 }
 
 impl Gateway {
@@ -36,7 +36,7 @@ impl Gateway {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(serve(listener, proxy, async {
+        let task = tokio::spawn(serve_on_cores(listener, proxy, async {
             let _ = stopped.await;
         }));
         Self { addr, stop: Some(stop), task: Some(task) }
@@ -56,7 +56,11 @@ impl Gateway {
             let _ = stop.send(());
         }
         if let Some(task) = self.task.take() {
-            tokio::time::timeout(Duration::from_secs(5), task).await.expect("shutdown in time").expect("serve task");
+            tokio::time::timeout(Duration::from_secs(5), task)
+                .await
+                .expect("shutdown in time")
+                .expect("serve task")
+                .expect("serve");
         }
     }
 }
@@ -336,6 +340,31 @@ async fn a_client_that_hangs_up_mid_call_gets_the_result_on_retry_without_a_seco
     assert_eq!(mock.calls(), 1);
     let later = post(&gw.url("/v1/chat/completions"), Some("hangup"), CHAT, &[(mock::DELAY_MS.as_str(), "300")]).await;
     assert_eq!(later.body, retry.body);
+    assert_eq!(mock.calls(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopping_waits_for_a_call_whose_client_hung_up_and_records_it() {
+    let mock = MockUpstream::start().await;
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
+    let route = || Route::new("/", mock.url().parse().expect("url"), Policy::default().with_route("default"));
+    let gw = Gateway::start(vec![route()], store.clone(), Timeouts::default()).await;
+    let mut conn = TcpStream::connect(gw.addr).await.expect("connect");
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\nauthorization: Bearer sk-test\r\n\
+         idempotency-key: outlives\r\n{}: 300\r\ncontent-length: {}\r\n\r\n{CHAT}",
+        mock::DELAY_MS.as_str(),
+        CHAT.len()
+    );
+    conn.write_all(head.as_bytes()).await.expect("write");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    drop(conn);
+    // The call runs on a connection thread; stopping waits for it before ending them.
+    gw.stop().await;
+    let gw = Gateway::start(vec![route()], store, Timeouts::default()).await;
+    let retry = post(&gw.url("/v1/chat/completions"), Some("outlives"), CHAT, &[]).await;
+    assert_eq!(retry.status, 200);
+    assert_eq!(retry.headers["idempotent-replayed"], "true", "recorded before the gateway stopped");
     assert_eq!(mock.calls(), 1);
 }
 
