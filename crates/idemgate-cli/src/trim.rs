@@ -4,16 +4,18 @@
 //! arena's memory back only from its top: after a burst of 1,000 streams, whose
 //! buffers are freed but interleaved with records that live on, RSS stays near its
 //! peak for good. `malloc_trim` releases the free pages wherever they are. It is called
-//! once a burst is over (the runtime's live tasks fell to half their peak since the
-//! last trim), never under steady load, where it would only give back pages the next
+//! once a burst is over (the runtime's live tasks and the proxy's open connections,
+//! which may run on threads of their own, fell to half their peak since the last
+//! trim), never under steady load, where it would only give back pages the next
 //! requests fault in again.
 
 use std::future::Future;
 use std::time::Duration;
 
-/// How often the number of live tasks is looked at.
+/// How often the load is looked at.
 const EVERY: Duration = Duration::from_secs(1);
-/// Bursts smaller than this many live tasks leave too little behind to bother.
+/// Bursts smaller than this (live tasks and open connections) leave too little behind
+/// to bother.
 const MIN_PEAK: usize = 256;
 
 /// Watches the runtime until `stop`, trimming the heap after each burst.
@@ -27,7 +29,7 @@ pub(crate) async fn after_bursts(stop: impl Future<Output = ()>) {
             _ = every.tick() => {}
             () = &mut stop => return,
         }
-        let alive = metrics.num_alive_tasks();
+        let alive = metrics.num_alive_tasks() + idemgate_proxy::open_connections();
         peak = peak.max(alive);
         if peak >= MIN_PEAK && alive <= peak / 2 {
             let started = std::time::Instant::now();

@@ -3,6 +3,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -72,6 +73,32 @@ async fn drain(proxy: &Proxy) {
     }
 }
 
+/// Connections open in this process, over every listener.
+static OPEN_CONNECTIONS: AtomicUsize = AtomicUsize::new(0);
+
+/// How many connections every `serve`, `serve_on_cores` and `serve_admin` of this
+/// process hold open: a load figure that covers the connection threads too, whose
+/// tasks the caller's runtime does not see.
+pub fn open_connections() -> usize {
+    OPEN_CONNECTIONS.load(Ordering::Relaxed)
+}
+
+/// Counts a connection open until dropped, however its task ends.
+struct Open;
+
+impl Open {
+    fn new() -> Self {
+        OPEN_CONNECTIONS.fetch_add(1, Ordering::Relaxed);
+        Self
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        OPEN_CONNECTIONS.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// Serves one connection on a task of the current runtime, under `watcher`.
 fn spawn_connection<S, B>(builder: &auto::Builder<TokioExecutor>, stream: TcpStream, watcher: Watcher, svc: S)
 where
@@ -82,7 +109,9 @@ where
 {
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), TowerToHyperService::new(svc));
     let conn = watcher.watch(conn.into_owned());
+    let open = Open::new();
     tokio::spawn(async move {
+        let _open = open;
         if let Err(e) = conn.await {
             tracing::debug!(target: "idemgate::server", error = %e, "connection ended with an error");
         }
@@ -253,5 +282,47 @@ async fn accept_loop(
     drop(listener);
     if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown()).await.is_err() {
         tracing::warn!(target: "idemgate::server", "connections still open after {SHUTDOWN_GRACE:?}; closing them");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use idemgate::MemoryStore;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    /// Waits up to a second for `open_connections()` to read `n`.
+    async fn until_open(n: usize) {
+        for _ in 0..100 {
+            if open_connections() == n {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("open connections: {} instead of {n}", open_connections());
+    }
+
+    // The only test in this binary that opens a served connection: the count is global.
+    #[tokio::test]
+    async fn open_connections_counts_a_connection_while_it_is_open() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let admin = Admin::new(String::new, Arc::new(MemoryStore::new()));
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(serve_admin(listener, admin, async {
+            let _ = stopped.await;
+        }));
+        until_open(0).await;
+        let mut conn = TcpStream::connect(addr).await.expect("connect");
+        conn.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n").await.expect("write");
+        let mut answer = [0u8; 12];
+        conn.read_exact(&mut answer).await.expect("read");
+        assert_eq!(&answer, b"HTTP/1.1 200");
+        until_open(1).await;
+        drop(conn);
+        until_open(0).await;
+        let _ = stop.send(());
+        server.await.expect("server");
     }
 }
