@@ -105,10 +105,11 @@ async fn serve_until_signal(config: Config) -> anyhow::Result<()> {
     let upkeep = tokio::spawn(upkeep(metrics, stopped(stop_rx.clone())));
     let sweeper = tokio::spawn(sweep(store, config.sweep_interval, stopped(stop_rx.clone())));
     let trimmer = tokio::spawn(crate::trim::after_bursts(stopped(stop_rx.clone())));
-    // Memory and SQLite answer without tasks of their own: their requests run on one
-    // thread per core. Redis and PostgreSQL clients drive each connection from a task
-    // on this runtime, so their requests stay on it too.
-    let per_core = matches!(backend, "memory" | "sqlite");
+    // Memory and SQLite answer without tasks of their own, and Redis gives each
+    // connection thread connections of its own: their requests run on one thread per
+    // core. PostgreSQL's pool drives its connections from tasks on this runtime, so
+    // its requests stay on it too.
+    let per_core = matches!(backend, "memory" | "sqlite" | "redis" | "redis-cluster");
     let mut proxy_task = tokio::spawn(async move {
         if per_core {
             return serve_on_cores(listener, proxy, stopped(stop_rx)).await;

@@ -42,9 +42,10 @@ pub async fn serve(listener: TcpListener, proxy: Proxy, shutdown: impl Future<Ou
 /// multi-threaded runtime does for every event. The runtime this runs on only accepts.
 ///
 /// For stores that answer without tasks of their own (memory, SQLite's writer
-/// thread). A client whose connections are driven by tasks on the runtime that made
-/// them (Redis, PostgreSQL) would have every store call cross threads twice: serve
-/// those with [`serve`]. Fails only when the threads cannot be started.
+/// thread), or that give each such thread connections of its own (Redis). A store
+/// whose connections are all driven by tasks on the runtime that made them (the
+/// PostgreSQL pool) would have every call cross threads twice: serve it with
+/// [`serve`]. Fails only when the threads cannot be started.
 pub async fn serve_on_cores(
     listener: TcpListener,
     proxy: Proxy,

@@ -43,7 +43,7 @@
 //!   is a compare-and-swap on the stale token within the script), and `complete`,
 //!   `release`, `renew` and the live-log writes change nothing unless the record is
 //!   still the caller's (then they answer
-//!   [`ErrorKind::Conflict`](idemgate::ErrorKind::Conflict)).
+//!   [`ErrorKind::Conflict`]).
 //! - **Clock.** Leases and expiry are judged on the Redis server's clock (`TIME` inside
 //!   the scripts), so gateways whose clocks disagree still agree on when a lease ran
 //!   out. A completed record's expiry is its `completed_at` (the completing gateway's
@@ -60,11 +60,17 @@
 //!   old owner's token is fenced out. The key stays bound to its request until then.
 //! - **Lost connection.** Every operation is bounded by a timeout (2 s by default,
 //!   see [`RedisStore::connect_with_timeout`]) and answers
-//!   [`ErrorKind::Unavailable`](idemgate::ErrorKind::Unavailable) when the server does
+//!   [`ErrorKind::Unavailable`] when the server does
 //!   not answer in time or the connection is down. The connections reconnect by
 //!   themselves: once the server is back, operations succeed again, with no restart.
 //!   An operation whose answer was lost may still have run (a claim then leaves a
 //!   lease nobody holds, which runs out like a crashed owner's).
+//! - **Threads.** Commands go over one shared multiplexed connection, driven by a task
+//!   on the runtime that opened the store. A thread that runs a single-threaded
+//!   runtime (a gateway serving a thread per core) gets a command connection of its
+//!   own, made in the background on its first call, so its calls need not cross to
+//!   that runtime and back; until it is ready, and for 5 s after a failed attempt or a
+//!   failed call on it, the thread uses the shared one.
 //! - **Cluster.** Every key of one storage key carries one hash tag
 //!   (`{prefix:<key hex>}:rec`, `…:live`, `…:chunks`, and the channel `…:ch`), so each
 //!   script runs within one slot; the cluster client follows slot moves and topology
@@ -99,6 +105,7 @@
 
 mod conn;
 mod keys;
+mod local;
 mod reply;
 mod scripts;
 mod sweep;
@@ -115,11 +122,14 @@ use futures_util::FutureExt;
 use futures_util::future::BoxFuture;
 use idemgate::clock::duration_millis;
 use idemgate::store::{LIVE_LOG_LINGER, LiveEnd, LiveHead, LiveRead, STALE_IN_FLIGHT_GRACE};
-use idemgate::{Claim, Fingerprint, Lease, Record, StorageKey, Store, StoreError, StoredResponse, Timestamp, Token};
+use idemgate::{
+    Claim, ErrorKind, Fingerprint, Lease, Record, StorageKey, Store, StoreError, StoredResponse, Timestamp, Token,
+};
 use redis::{RedisError, Value};
 
 use self::conn::{Conn, SubConn, publish_command};
 use self::keys::{Keys, record_pattern};
+use self::local::Local;
 use self::scripts::SCRIPTS;
 use self::target::Target;
 use self::waiters::{Subscriber, Waiters};
@@ -148,6 +158,7 @@ pub struct RedisStore {
 
 struct Inner {
     conn: Conn,
+    local: Local,
     cluster: bool,
     publish: &'static str,
     timeout: Duration,
@@ -188,6 +199,7 @@ impl RedisStore {
         let subscriber = Subscriber::spawn(Arc::clone(&waiters), sub, timeout);
         let inner = Inner {
             conn,
+            local: Local::new(target.clone(), timeout),
             cluster: matches!(target, Target::Cluster(_)),
             publish: publish_command(&target),
             timeout,
@@ -215,13 +227,21 @@ impl RedisStore {
         Keys::new(&self.prefix, key)
     }
 
-    /// Runs `op` on a clone of the command connection, bounded by the timeout.
+    /// Runs `op` on a clone of a command connection, bounded by the timeout: this
+    /// thread's own (see [`local`]) or the shared one.
     async fn run<T, F, Fut>(&self, name: &'static str, op: F) -> Result<T, StoreError>
     where
         F: FnOnce(Conn) -> Fut,
         Fut: Future<Output = redis::RedisResult<T>>,
     {
-        bounded(name, self.inner.timeout, op(self.inner.conn.clone())).await
+        let Some(conn) = self.inner.local.get() else {
+            return bounded(name, self.inner.timeout, op(self.inner.conn.clone())).await;
+        };
+        let answer = bounded(name, self.inner.timeout, op(conn)).await;
+        if answer.as_ref().is_err_and(|e| e.kind() == ErrorKind::Unavailable) {
+            self.inner.local.failed();
+        }
+        answer
     }
 
     /// Answers a fenced script's 1 (done, waiters woken) or 0 (the lease is lost).

@@ -1,0 +1,173 @@
+//! Command connections of their own for threads that run single-threaded runtimes.
+//!
+//! A connection is driven by a task on the runtime that made it: the store's shared
+//! connection lives on the runtime that opened the store. A gateway that serves its
+//! clients on a thread per core, each with a single-threaded runtime
+//! (`idemgate_proxy::serve_on_cores`), would have every call cross to that runtime's
+//! thread and back. Such a thread gets a command connection of its own, made on its
+//! runtime in the background the first time it calls; until that connection is ready,
+//! and while one cannot be made, the thread's calls use the shared one. Threads of a
+//! multi-threaded runtime always use the shared one.
+
+use std::cell::RefCell;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+
+use tokio::runtime::{Handle, RuntimeFlavor};
+
+use crate::bounded;
+use crate::conn::Conn;
+use crate::target::Target;
+
+/// After a failed attempt, or a failed call on the connection, a thread waits this long
+/// before making another.
+const RETRY_AFTER: Duration = Duration::from_secs(5);
+
+static NEXT_STORE: AtomicU64 = AtomicU64::new(0);
+
+thread_local! {
+    /// This thread's connections, by store.
+    static CONNS: RefCell<Vec<Entry>> = const { RefCell::new(Vec::new()) };
+}
+
+struct Entry {
+    store: u64,
+    /// Gone once the store is dropped: the entry is then pruned.
+    alive: Weak<()>,
+    slot: Slot,
+}
+
+enum Slot {
+    Connecting,
+    Ready(Conn),
+    Failed(Instant),
+}
+
+/// The per-thread connections of one store.
+pub(crate) struct Local {
+    store: u64,
+    alive: Arc<()>,
+    target: Target,
+    timeout: Duration,
+}
+
+impl Local {
+    pub(crate) fn new(target: Target, timeout: Duration) -> Self {
+        Self { store: NEXT_STORE.fetch_add(1, Ordering::Relaxed), alive: Arc::new(()), target, timeout }
+    }
+
+    /// This thread's connection, if it runs a single-threaded runtime and the
+    /// connection is ready; if none is, starts making one and answers `None`.
+    pub(crate) fn get(&self) -> Option<Conn> {
+        let handle = Handle::try_current().ok()?;
+        if handle.runtime_flavor() != RuntimeFlavor::CurrentThread {
+            return None;
+        }
+        CONNS.with(|conns| {
+            let mut conns = conns.borrow_mut();
+            if let Some(entry) = conns.iter().find(|e| e.store == self.store) {
+                match &entry.slot {
+                    Slot::Ready(conn) => return Some(conn.clone()),
+                    Slot::Connecting => return None,
+                    Slot::Failed(at) if at.elapsed() < RETRY_AFTER => return None,
+                    Slot::Failed(_) => {}
+                }
+            }
+            // The slow path, once per thread and store: drop the dropped stores' too.
+            conns.retain(|e| e.store != self.store && e.alive.strong_count() > 0);
+            conns.push(Entry { store: self.store, alive: Arc::downgrade(&self.alive), slot: Slot::Connecting });
+            let (store, target, timeout) = (self.store, self.target.clone(), self.timeout);
+            // Spawned on this single-threaded runtime, so it runs on this thread.
+            handle.spawn(async move {
+                let slot = match bounded("connect", timeout, Conn::connect(&target, timeout)).await {
+                    Ok(conn) => Slot::Ready(conn),
+                    Err(e) => {
+                        tracing::debug!(target: "idemgate::store", error = %e, "no redis connection of this thread's own; using the shared one");
+                        Slot::Failed(Instant::now())
+                    }
+                };
+                set(store, slot);
+            });
+            None
+        })
+    }
+
+    /// Sets this thread's connection aside after a call on it failed (its runtime may
+    /// be gone, or its server): the shared one serves until another is made.
+    pub(crate) fn failed(&self) {
+        set(self.store, Slot::Failed(Instant::now()));
+    }
+
+    /// Whether this thread has a connection of its own ready.
+    #[cfg(test)]
+    pub(crate) fn ready(&self) -> bool {
+        CONNS.with(|c| c.borrow().iter().any(|e| e.store == self.store && matches!(e.slot, Slot::Ready(_))))
+    }
+}
+
+fn set(store: u64, slot: Slot) {
+    CONNS.with(|conns| {
+        if let Some(entry) = conns.borrow_mut().iter_mut().find(|e| e.store == store) {
+            entry.slot = slot;
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use bytes::Bytes;
+    use http::{HeaderMap, Method, Uri};
+    use idemgate::{Claim, Fingerprint, StorageKey, Store, StoredResponse, Timestamp, Token};
+    use idemgate_testkit::backend;
+
+    use crate::RedisStore;
+
+    async fn until_ready(store: &RedisStore) {
+        for _ in 0..200 {
+            if store.inner.local.ready() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("no connection of this thread's own after 2 s");
+    }
+
+    #[test]
+    fn a_single_threaded_runtime_gets_a_connection_of_its_own_and_a_shared_one_does_not() {
+        let Some(url) = backend::redis_url("local::a_single_threaded_runtime_gets_a_connection_of_its_own") else {
+            return;
+        };
+        let prefix = format!("idemgate-test-{}", Token::generate().to_text());
+        let mut bytes = [0u8; 32];
+        bytes[..16].copy_from_slice(&Token::generate().as_u128().to_le_bytes());
+        let key = StorageKey::from_bytes(bytes);
+        let fp = Fingerprint::compute(&Method::POST, &Uri::from_static("/v1/x"), &HeaderMap::new(), &[], b"{}");
+        let single = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        single.block_on(async {
+            let store = RedisStore::connect(&url).await.expect("redis answers").with_prefix(prefix.clone());
+            // The first call goes over the shared connection and starts this thread's.
+            assert!(matches!(store.get(&key).await, Ok(None)));
+            until_ready(&store).await;
+            // Calls on it answer as on the shared one.
+            let Ok(Claim::Acquired(lease)) = store.claim(&key, &fp, Duration::from_secs(30)).await else {
+                panic!("a fresh key is acquired");
+            };
+            let now = Timestamp::from_system_time(std::time::SystemTime::now());
+            let response = StoredResponse::new(200, Vec::new(), vec![Bytes::from_static(b"ok")], now);
+            store.complete(&lease, &response, Duration::from_secs(60)).await.expect("complete");
+            assert!(matches!(store.claim(&key, &fp, Duration::from_secs(30)).await, Ok(Claim::Completed(_))));
+            assert!(store.purge(&key).await.expect("purge"));
+        });
+        let shared =
+            tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().expect("runtime");
+        shared.block_on(async {
+            let store = RedisStore::connect(&url).await.expect("redis answers").with_prefix(prefix);
+            assert!(matches!(store.get(&key).await, Ok(None)));
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            assert!(!store.inner.local.ready(), "a multi-threaded runtime's calls stay on the shared connection");
+        });
+    }
+}
