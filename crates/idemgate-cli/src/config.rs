@@ -5,6 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -70,6 +71,9 @@ pub(crate) struct ConfigArgs {
     /// Log format: text or json [default: text]
     #[arg(long, env = "IDEMGATE_LOG_FORMAT", value_name = "FORMAT")]
     pub(crate) log_format: Option<String>,
+    /// Threads that serve requests [default: one per core]
+    #[arg(long, env = "IDEMGATE_THREADS", value_name = "N")]
+    pub(crate) threads: Option<usize>,
     /// Secret that keys tenant hashes; set it so credentials cannot be tested offline
     #[arg(long, env = "IDEMGATE_TENANT_SECRET", value_name = "SECRET", hide_env_values = true)]
     pub(crate) tenant_secret: Option<String>,
@@ -92,6 +96,8 @@ pub(crate) struct RawConfig {
     pub(crate) store: Option<String>,
     /// `text` or `json`.
     pub(crate) log_format: Option<String>,
+    /// Threads that serve requests.
+    pub(crate) threads: Option<usize>,
     /// Secret keying tenant hashes.
     pub(crate) tenant_secret: Option<String>,
     /// Header naming the tenant, instead of the credential.
@@ -311,6 +317,8 @@ pub(crate) struct Config {
     pub(crate) log_format: LogFormat,
     /// How often expired records are swept.
     pub(crate) sweep_interval: Duration,
+    /// Threads that serve requests: one per core unless set.
+    pub(crate) threads: NonZeroUsize,
     /// Tenant scoping, shared by every route.
     pub(crate) scope: Scope,
 }
@@ -364,6 +372,7 @@ impl RawConfig {
         set(&mut self.upstream, &a.upstream);
         set(&mut self.store, &a.store);
         set(&mut self.log_format, &a.log_format);
+        set(&mut self.threads, &a.threads);
         set(&mut self.tenant_secret, &a.tenant_secret);
         set(&mut self.policy.ttl, &a.ttl);
         set(&mut self.policy.lease, &a.lease);
@@ -569,6 +578,10 @@ impl TryFrom<RawConfig> for Config {
             idle: timeout("idle-timeout", &raw.idle_timeout, defaults.idle)?,
         };
         let sweep_interval = timeout("sweep-interval", &raw.sweep_interval, Duration::from_secs(60))?;
+        let threads = match raw.threads {
+            None => std::thread::available_parallelism().unwrap_or(NonZeroUsize::MIN),
+            Some(n) => NonZeroUsize::new(n).ok_or_else(|| ConfigError::new("threads", "must be at least 1"))?,
+        };
 
         let mut scope = match &raw.tenant_secret {
             Some(s) if s.is_empty() => return Err(ConfigError::new("tenant-secret", "must not be empty")),
@@ -627,7 +640,7 @@ impl TryFrom<RawConfig> for Config {
                 policy: raw.policy.to_policy("", "default", base)?,
             }]
         };
-        Ok(Config { listen, admin_listen, store, routes, timeouts, log_format, sweep_interval, scope })
+        Ok(Config { listen, admin_listen, store, routes, timeouts, log_format, sweep_interval, threads, scope })
     }
 }
 
@@ -725,6 +738,17 @@ mod tests {
         assert!(err.contains("mysql://app:***@db/x") && !err.contains("hunter2"), "{err}");
         assert_eq!(redact("redis://:pw@h:1/0"), "redis://:***@h:1/0");
         assert_eq!(redact("redis://h:1"), "redis://h:1");
+    }
+
+    #[test]
+    fn threads_default_to_the_cores_and_are_at_least_one() {
+        let cores = std::thread::available_parallelism().unwrap();
+        assert_eq!(Config::try_from(RawConfig::default()).unwrap().threads, cores);
+        assert_eq!(parse("threads = 3").unwrap().threads.get(), 3);
+        assert_eq!(parse("threads = 0").unwrap_err().field(), "threads");
+        let mut raw: RawConfig = toml::from_str("threads = 3").unwrap();
+        raw.apply(&ConfigArgs { threads: Some(1), ..ConfigArgs::default() });
+        assert_eq!(Config::try_from(raw).unwrap().threads.get(), 1);
     }
 
     #[test]

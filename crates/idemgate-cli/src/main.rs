@@ -207,8 +207,10 @@ async fn purge(args: KeyArgs) -> anyhow::Result<()> {
 
 fn check_config(args: ConfigArgs) -> anyhow::Result<()> {
     let c = config::load(&args)?;
-    let mut text =
-        format!("ok\nlisten:       {}\nadmin-listen: {}\nstore:        {}\n", c.listen, c.admin_listen, c.store);
+    let mut text = format!(
+        "ok\nlisten:       {}\nadmin-listen: {}\nstore:        {}\nthreads:      {}\n",
+        c.listen, c.admin_listen, c.store, c.threads
+    );
     for r in &c.routes {
         text += &format!(
             "route {:?}: {} -> {}{} (ttl {})\n",

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use idemgate::Store;
-use idemgate_proxy::{Admin, Proxy, UpstreamClient, serve, serve_admin, serve_on_cores};
+use idemgate_proxy::{Admin, Proxy, UpstreamClient, serve, serve_admin, serve_on_threads};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -25,8 +25,13 @@ pub(crate) fn run(args: ConfigArgs) -> anyhow::Result<()> {
     let config = config::load(&args)?;
     // Held until the process ends: dropping it flushes the log lines still queued.
     let _log = init_logging(config.log_format)?;
-    let runtime =
-        tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the runtime")?;
+    // On `postgres://` this runtime's workers serve the requests; elsewhere they accept,
+    // and the connection threads serve.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(config.threads.get())
+        .enable_all()
+        .build()
+        .context("cannot start the runtime")?;
     runtime.block_on(serve_until_signal(config))
 }
 
@@ -110,9 +115,10 @@ async fn serve_until_signal(config: Config) -> anyhow::Result<()> {
     // core. PostgreSQL's pool drives its connections from tasks on this runtime, so
     // its requests stay on it too.
     let per_core = matches!(backend, "memory" | "sqlite" | "redis" | "redis-cluster");
+    let threads = config.threads;
     let mut proxy_task = tokio::spawn(async move {
         if per_core {
-            return serve_on_cores(listener, proxy, stopped(stop_rx)).await;
+            return serve_on_threads(listener, proxy, threads, stopped(stop_rx)).await;
         }
         serve(listener, proxy, stopped(stop_rx)).await;
         Ok(())

@@ -26,7 +26,7 @@ mod server;
 mod upstream;
 
 pub use route::{Proxy, Route};
-pub use server::{Admin, SHUTDOWN_GRACE, open_connections, serve, serve_admin, serve_on_cores};
+pub use server::{Admin, SHUTDOWN_GRACE, open_connections, serve, serve_admin, serve_on_cores, serve_on_threads};
 pub use upstream::{
     ClientError, IdleTimeoutError, Target, TargetError, Timeouts, UPSTREAM_REQUESTS_TOTAL, UPSTREAM_SECONDS, Upstream,
     UpstreamClient,

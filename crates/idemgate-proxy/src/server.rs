@@ -2,6 +2,7 @@
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::num::NonZeroUsize;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -51,7 +52,18 @@ pub async fn serve_on_cores(
     proxy: Proxy,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
-    let workers = Workers::start(&proxy)?;
+    let cores = std::thread::available_parallelism().unwrap_or(NonZeroUsize::MIN);
+    serve_on_threads(listener, proxy, cores, shutdown).await
+}
+
+/// [`serve_on_cores`] with `threads` connection threads, whatever the cores.
+pub async fn serve_on_threads(
+    listener: TcpListener,
+    proxy: Proxy,
+    threads: NonZeroUsize,
+    shutdown: impl Future<Output = ()>,
+) -> std::io::Result<()> {
+    let workers = Workers::start(&proxy, threads.get())?;
     let mut next = 0;
     accept_loop(listener, shutdown, |stream, watcher| workers.hand(&mut next, stream, watcher)).await;
     drain(&proxy).await;
@@ -130,8 +142,7 @@ struct Workers {
 }
 
 impl Workers {
-    fn start(proxy: &Proxy) -> std::io::Result<Self> {
-        let count = std::thread::available_parallelism().map_or(1, usize::from);
+    fn start(proxy: &Proxy, count: usize) -> std::io::Result<Self> {
         let (stop, stopped) = watch::channel(false);
         let mut workers = Self { inboxes: Vec::with_capacity(count), stop, threads: Vec::with_capacity(count) };
         for n in 0..count {
