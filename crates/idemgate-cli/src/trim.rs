@@ -4,8 +4,8 @@
 //! arena's memory back only from its top: after a burst of 1,000 streams, whose
 //! buffers are freed but interleaved with records that live on, RSS stays near its
 //! peak for good. `malloc_trim` releases the free pages wherever they are. It is called
-//! once a burst is over (the runtime's live tasks and the proxy's open connections,
-//! which may run on threads of their own, fell to half their peak since the last
+//! once a burst is over (the runtime's live tasks, or the proxy's open connections
+//! where they run on threads of their own, fell to half their peak since the last
 //! trim), never under steady load, where it would only give back pages the next
 //! requests fault in again.
 
@@ -29,7 +29,9 @@ pub(crate) async fn after_bursts(stop: impl Future<Output = ()>) {
             _ = every.tick() => {}
             () = &mut stop => return,
         }
-        let alive = metrics.num_alive_tasks() + idemgate_proxy::open_connections();
+        // Connections served on this runtime are among its tasks too: the larger of
+        // the two, not their sum.
+        let alive = metrics.num_alive_tasks().max(idemgate_proxy::open_connections());
         peak = peak.max(alive);
         if peak >= MIN_PEAK && alive <= peak / 2 {
             let started = std::time::Instant::now();

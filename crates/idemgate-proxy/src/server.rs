@@ -63,7 +63,7 @@ pub async fn serve_on_threads(
     threads: NonZeroUsize,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
-    let workers = Workers::start(&proxy, threads.get())?;
+    let workers = Workers::start(&proxy, threads.get()).await?;
     let mut next = 0;
     accept_loop(listener, shutdown, |stream, watcher| workers.hand(&mut next, stream, watcher)).await;
     drain(&proxy).await;
@@ -142,16 +142,29 @@ struct Workers {
 }
 
 impl Workers {
-    fn start(proxy: &Proxy, count: usize) -> std::io::Result<Self> {
+    /// Starts `count` threads. Each builds its runtime itself: one built here and
+    /// dropped here, should its thread fail to start, would panic (a runtime may not be
+    /// dropped inside another).
+    async fn start(proxy: &Proxy, count: usize) -> std::io::Result<Self> {
         let (stop, stopped) = watch::channel(false);
         let mut workers = Self { inboxes: Vec::with_capacity(count), stop, threads: Vec::with_capacity(count) };
         for n in 0..count {
-            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
             let (tx, rx) = mpsc::unbounded_channel();
+            let (built_tx, built) = tokio::sync::oneshot::channel();
             let (proxy, stopped) = (proxy.clone(), stopped.clone());
-            let thread = std::thread::Builder::new()
-                .name(format!("idemgate-conn-{n}"))
-                .spawn(move || runtime.block_on(work(rx, proxy, stopped)))?;
+            let thread = std::thread::Builder::new().name(format!("idemgate-conn-{n}")).spawn(move || {
+                match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                    Ok(runtime) => {
+                        let _ = built_tx.send(Ok(()));
+                        runtime.block_on(work(rx, proxy, stopped));
+                    }
+                    Err(e) => {
+                        let _ = built_tx.send(Err(e));
+                    }
+                }
+            })?;
+            // Dropping `workers` on an error lets the threads already started end.
+            built.await.unwrap_or_else(|_| Err(std::io::Error::other("a connection thread ended at its start")))?;
             workers.inboxes.push(tx);
             workers.threads.push(thread);
         }

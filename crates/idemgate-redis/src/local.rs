@@ -7,14 +7,15 @@
 //! thread and back. Such a thread gets a command connection of its own, made on its
 //! runtime in the background the first time it calls; until that connection is ready,
 //! and while one cannot be made, the thread's calls use the shared one. Threads of a
-//! multi-threaded runtime always use the shared one.
+//! multi-threaded runtime always use the shared one. A connection is kept per thread
+//! and runtime: a thread that runs another runtime later makes another.
 
 use std::cell::RefCell;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
-use tokio::runtime::{Handle, RuntimeFlavor};
+use tokio::runtime::{Handle, Id, RuntimeFlavor};
 
 use crate::bounded;
 use crate::conn::Conn;
@@ -33,6 +34,8 @@ thread_local! {
 
 struct Entry {
     store: u64,
+    /// The runtime that drives the connection: a thread may run another one later.
+    runtime: Id,
     /// Gone once the store is dropped: the entry is then pruned.
     alive: Weak<()>,
     slot: Slot,
@@ -64,9 +67,10 @@ impl Local {
         if handle.runtime_flavor() != RuntimeFlavor::CurrentThread {
             return None;
         }
+        let runtime = handle.id();
         CONNS.with(|conns| {
             let mut conns = conns.borrow_mut();
-            if let Some(entry) = conns.iter().find(|e| e.store == self.store) {
+            if let Some(entry) = conns.iter().find(|e| e.store == self.store && e.runtime == runtime) {
                 match &entry.slot {
                     Slot::Ready(conn) => return Some(conn.clone()),
                     Slot::Connecting => return None,
@@ -74,9 +78,10 @@ impl Local {
                     Slot::Failed(_) => {}
                 }
             }
-            // The slow path, once per thread and store: drop the dropped stores' too.
+            // The slow path, once per thread, runtime and store: drop this store's entry of
+            // an earlier runtime, and the dropped stores' entries, too.
             conns.retain(|e| e.store != self.store && e.alive.strong_count() > 0);
-            conns.push(Entry { store: self.store, alive: Arc::downgrade(&self.alive), slot: Slot::Connecting });
+            conns.push(Entry { store: self.store, runtime, alive: Arc::downgrade(&self.alive), slot: Slot::Connecting });
             let (store, target, timeout) = (self.store, self.target.clone(), self.timeout);
             // Spawned on this single-threaded runtime, so it runs on this thread.
             handle.spawn(async move {
@@ -87,7 +92,7 @@ impl Local {
                         Slot::Failed(Instant::now())
                     }
                 };
-                set(store, slot);
+                set(store, runtime, slot);
             });
             None
         })
@@ -96,19 +101,24 @@ impl Local {
     /// Sets this thread's connection aside after a call on it failed (its runtime may
     /// be gone, or its server): the shared one serves until another is made.
     pub(crate) fn failed(&self) {
-        set(self.store, Slot::Failed(Instant::now()));
+        if let Ok(handle) = Handle::try_current() {
+            set(self.store, handle.id(), Slot::Failed(Instant::now()));
+        }
     }
 
-    /// Whether this thread has a connection of its own ready.
+    /// Whether this thread has a connection of its own ready, on the current runtime.
     #[cfg(test)]
     pub(crate) fn ready(&self) -> bool {
-        CONNS.with(|c| c.borrow().iter().any(|e| e.store == self.store && matches!(e.slot, Slot::Ready(_))))
+        let Ok(runtime) = Handle::try_current().map(|h| h.id()) else { return false };
+        CONNS.with(|c| {
+            c.borrow().iter().any(|e| e.store == self.store && e.runtime == runtime && matches!(e.slot, Slot::Ready(_)))
+        })
     }
 }
 
-fn set(store: u64, slot: Slot) {
+fn set(store: u64, runtime: Id, slot: Slot) {
     CONNS.with(|conns| {
-        if let Some(entry) = conns.borrow_mut().iter_mut().find(|e| e.store == store) {
+        if let Some(entry) = conns.borrow_mut().iter_mut().find(|e| e.store == store && e.runtime == runtime) {
             entry.slot = slot;
         }
     });
@@ -124,6 +134,23 @@ mod tests {
     use idemgate_testkit::backend;
 
     use crate::RedisStore;
+
+    /// A store opened on a runtime of its own, which keeps driving its shared
+    /// connection while the test runs others on its thread.
+    fn shared_store(url: &str, prefix: &str) -> RedisStore {
+        let (url, prefix) = (url.to_owned(), prefix.to_owned());
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let runtime =
+                tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().expect("runtime");
+            runtime.block_on(async move {
+                let store = RedisStore::connect(&url).await.expect("redis answers").with_prefix(prefix);
+                tx.send(store).expect("send");
+                std::future::pending::<()>().await;
+            });
+        });
+        rx.recv().expect("store")
+    }
 
     async fn until_ready(store: &RedisStore) {
         for _ in 0..200 {
@@ -160,6 +187,22 @@ mod tests {
             store.complete(&lease, &response, Duration::from_secs(60)).await.expect("complete");
             assert!(matches!(store.claim(&key, &fp, Duration::from_secs(30)).await, Ok(Claim::Completed(_))));
             assert!(store.purge(&key).await.expect("purge"));
+        });
+        // The same thread under another runtime, while the first one is not running:
+        // the first one's connection (which only that runtime drives) is not used.
+        let store = shared_store(&url, &prefix);
+        let first = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        first.block_on(async {
+            assert!(matches!(store.get(&key).await, Ok(None)));
+            until_ready(&store).await;
+        });
+        let second = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        second.block_on(async {
+            let started = std::time::Instant::now();
+            assert!(matches!(store.get(&key).await, Ok(None)));
+            assert!(started.elapsed() < Duration::from_secs(1), "answered over the shared connection at once");
+            until_ready(&store).await;
+            assert!(matches!(store.get(&key).await, Ok(None)));
         });
         let shared =
             tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().expect("runtime");

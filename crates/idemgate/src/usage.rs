@@ -69,7 +69,9 @@ impl Usage {
 /// counters both readings agree). The model is the top-level `model` string, when present.
 ///
 /// Returns `None` when the body is not a JSON object or its `usage` is missing, null or
-/// not an object.
+/// not an object. What the reading does not use, inside `usage` as around it, is checked
+/// for syntax only: a number out of range or a lone surrogate there does not hide the
+/// counters (parsing the body into a `serde_json::Value` would refuse it whole).
 pub fn from_json_body(body: &[u8]) -> Option<(Usage, Option<String>)> {
     // Only an object has a `usage`; this also keeps serde from reading an array as the
     // struct's fields in order.
@@ -489,7 +491,8 @@ mod tests {
         assert_eq!(from_json_body(br#"{"error":{"message":"nope"}}"#), None);
     }
 
-    /// The skipping parser reads what parsing the whole body into a `Value` reads.
+    /// The skipping parser reads what parsing the whole body into a `Value` reads, for
+    /// every body a `Value` can hold.
     #[test]
     fn skipping_parse_agrees_with_the_whole_tree() {
         let bodies: [&[u8]; 18] = [
@@ -516,6 +519,14 @@ mod tests {
             assert_eq!(from_json_body(body), from_whole_tree(body), "{}", String::from_utf8_lossy(body));
         }
         assert_eq!(from_json_body(bodies[4]).unwrap().0.input, 2, "the last duplicate wins, as in a Value");
+    }
+
+    #[test]
+    fn what_the_reading_does_not_use_is_checked_for_syntax_only() {
+        let body = br#"{"usage":{"prompt_tokens":5,"extra":1e400,"prompt_tokens_details":{"x":"\ud800"}}}"#;
+        assert_eq!(from_json_body(body).map(|(u, _)| u.input), Some(5));
+        assert_eq!(from_whole_tree(body), None, "a Value cannot hold it");
+        assert_eq!(from_json_body(br#"{"usage":{"prompt_tokens":5,"extra":}}"#), None, "broken syntax is refused");
     }
 
     #[test]
