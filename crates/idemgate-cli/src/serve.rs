@@ -12,7 +12,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing_subscriber::EnvFilter;
 
-use crate::config::{self, Config, ConfigArgs, LogFormat};
+use crate::config::{self, Config, ConfigArgs, LogFormat, StoreUrl};
 
 /// Latency buckets in seconds: from a replay (sub-millisecond) to a long generation.
 const LATENCY_BUCKETS: [f64; 16] =
@@ -77,7 +77,6 @@ fn install_metrics() -> anyhow::Result<PrometheusHandle> {
 async fn serve_until_signal(config: Config) -> anyhow::Result<()> {
     let metrics = install_metrics()?;
     let store = crate::store::open(&config.store).await?;
-    let backend = store.backend();
     let client = UpstreamClient::new(config.timeouts).context("cannot build the upstream client")?;
     let routes = config.routes.iter().map(config::RouteConfig::to_route).collect();
     let proxy = Proxy::new(routes, store.clone(), client).context("invalid route")?;
@@ -114,7 +113,7 @@ async fn serve_until_signal(config: Config) -> anyhow::Result<()> {
     // connection thread connections of its own: their requests run on one thread per
     // core. PostgreSQL's pool drives its connections from tasks on this runtime, so
     // its requests stay on it too.
-    let per_core = matches!(backend, "memory" | "sqlite" | "redis" | "redis-cluster");
+    let per_core = !matches!(config.store, StoreUrl::Postgres(_));
     let threads = config.threads;
     let mut proxy_task = tokio::spawn(async move {
         if per_core {
@@ -125,27 +124,20 @@ async fn serve_until_signal(config: Config) -> anyhow::Result<()> {
     });
 
     // The proxy ends before the signal only when it could not start.
-    let failed = tokio::select! {
+    let early = tokio::select! {
         () = shutdown_signal() => None,
         ended = &mut proxy_task => Some(ended),
     };
-    match &failed {
+    match &early {
         None => tracing::info!("shutting down: no new connections; waiting for open ones"),
         Some(_) => tracing::error!("the proxy stopped; shutting down"),
     }
     let _ = stop_tx.send(true);
-    let (ended, ..) = tokio::join!(
-        async {
-            match failed {
-                Some(ended) => ended,
-                None => proxy_task.await,
-            }
-        },
-        admin_task,
-        upkeep,
-        sweeper,
-        trimmer
-    );
+    let ended = match early {
+        Some(ended) => ended,
+        None => proxy_task.await,
+    };
+    let _ = tokio::join!(admin_task, upkeep, sweeper, trimmer);
     ended.context("the proxy task panicked")?.context("cannot serve the proxy")?;
     tracing::info!("stopped");
     Ok(())

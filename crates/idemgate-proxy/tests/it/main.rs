@@ -318,21 +318,25 @@ async fn a_client_that_hangs_up_mid_stream_gets_the_whole_stream_on_retry() {
     assert_eq!(mock.calls(), 1);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_client_that_hangs_up_mid_call_gets_the_result_on_retry_without_a_second_call() {
-    let mock = MockUpstream::start().await;
-    let gw = Gateway::to(&mock).await;
-    // A raw connection: send the request, then hang up before the answer.
+/// Sends a keyed call that the mock answers after 300 ms over a raw connection, and
+/// hangs up 50 ms later, before the answer.
+async fn hang_up_mid_call(gw: &Gateway, key: &str) {
     let mut conn = TcpStream::connect(gw.addr).await.expect("connect");
     let head = format!(
         "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\nauthorization: Bearer sk-test\r\n\
-         idempotency-key: hangup\r\n{}: 300\r\ncontent-length: {}\r\n\r\n{CHAT}",
+         idempotency-key: {key}\r\n{}: 300\r\ncontent-length: {}\r\n\r\n{CHAT}",
         mock::DELAY_MS.as_str(),
         CHAT.len()
     );
     conn.write_all(head.as_bytes()).await.expect("write");
     tokio::time::sleep(Duration::from_millis(50)).await;
-    drop(conn);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_hangs_up_mid_call_gets_the_result_on_retry_without_a_second_call() {
+    let mock = MockUpstream::start().await;
+    let gw = Gateway::to(&mock).await;
+    hang_up_mid_call(&gw, "hangup").await;
     // The retry arrives while the upstream still works: it waits, then gets the one result.
     let retry = post(&gw.url("/v1/chat/completions"), Some("hangup"), CHAT, &[(mock::DELAY_MS.as_str(), "300")]).await;
     assert_eq!(retry.status, 200);
@@ -349,16 +353,7 @@ async fn stopping_waits_for_a_call_whose_client_hung_up_and_records_it() {
     let store: Arc<dyn Store> = Arc::new(MemoryStore::new());
     let route = || Route::new("/", mock.url().parse().expect("url"), Policy::default().with_route("default"));
     let gw = Gateway::start(vec![route()], store.clone(), Timeouts::default()).await;
-    let mut conn = TcpStream::connect(gw.addr).await.expect("connect");
-    let head = format!(
-        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\nauthorization: Bearer sk-test\r\n\
-         idempotency-key: outlives\r\n{}: 300\r\ncontent-length: {}\r\n\r\n{CHAT}",
-        mock::DELAY_MS.as_str(),
-        CHAT.len()
-    );
-    conn.write_all(head.as_bytes()).await.expect("write");
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    drop(conn);
+    hang_up_mid_call(&gw, "outlives").await;
     // The call runs on a connection thread; stopping waits for it before ending them.
     gw.stop().await;
     let gw = Gateway::start(vec![route()], store, Timeouts::default()).await;
