@@ -20,7 +20,8 @@ use std::collections::VecDeque;
 use std::future::poll_fn;
 use std::io;
 use std::pin::Pin;
-use std::sync::{Arc, Once, Weak};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Weak};
 use std::task::{Context, Poll, Waker};
 use std::thread::ThreadId;
 use std::time::{Duration, Instant};
@@ -73,7 +74,10 @@ pub(crate) struct HostPool {
     host_header: HeaderValue,
     settings: Settings,
     idle: Mutex<VecDeque<Idle>>,
-    reaper: Once,
+    /// Whether a reaper task is alive. It lives on the runtime of the thread that
+    /// first returned a connection, which may end (a connection thread of
+    /// `serve_on_threads`) while the pool lives on: the next return starts another.
+    reaper: AtomicBool,
 }
 
 impl std::fmt::Debug for HostPool {
@@ -145,7 +149,7 @@ impl HostPool {
             host_header,
             settings,
             idle: Mutex::new(VecDeque::new()),
-            reaper: Once::new(),
+            reaper: AtomicBool::new(false),
         })
     }
 
@@ -351,16 +355,35 @@ impl HostPool {
             oldest
         };
         drop(oldest);
-        self.reaper.call_once(|| self.spawn_reaper());
+        // A load first: the swap's exclusive access to the line on every return would
+        // be shared by every thread returning connections.
+        if !self.reaper.load(Ordering::Relaxed) && !self.reaper.swap(true, Ordering::AcqRel) {
+            self.spawn_reaper();
+        }
     }
 
     /// Closes connections that sat idle past the timeout, so none lingers once
     /// traffic stops.
     fn spawn_reaper(self: &Arc<Self>) {
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+        /// Clears the pool's flag when the task ends, however it ends: its runtime
+        /// shutting down drops it without another poll.
+        struct Alive(Weak<HostPool>);
+        impl Drop for Alive {
+            fn drop(&mut self) {
+                if let Some(pool) = self.0.upgrade() {
+                    pool.reaper.store(false, Ordering::Release);
+                }
+            }
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            self.reaper.store(false, Ordering::Release);
+            return;
+        };
         let pool: Weak<Self> = Arc::downgrade(self);
+        let alive = Alive(Weak::clone(&pool));
         let timeout = self.settings.idle_timeout;
         runtime.spawn(async move {
+            let _alive = alive;
             let mut tick = tokio::time::interval((timeout / 2).max(Duration::from_millis(100)));
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
@@ -1033,6 +1056,52 @@ mod tests {
         assert!(reused);
         assert_eq!(conn.home, elsewhere, "with none of its own left, another thread's");
         assert_eq!(up.connections(), 2);
+    }
+
+    /// The reaper closes connections idle past the timeout, and a pool that outlives
+    /// the runtime its reaper ran on gets another on the next runtime returning one.
+    #[test]
+    fn idle_connections_are_reaped_after_the_reapers_runtime_has_ended() {
+        use std::io::Read;
+        // The kernel completes connections into the backlog: no accept loop needed,
+        // and none that would end with a runtime.
+        let upstream = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let authority = upstream.local_addr().expect("addr").to_string().parse().expect("authority");
+        let pool = HostPool::new(
+            false,
+            &authority,
+            Settings { idle_timeout: Duration::from_millis(100), ..settings(webpki()) },
+        );
+        let runtime = || tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        let connect_and_return = |runtime: &tokio::runtime::Runtime| {
+            runtime.block_on(async {
+                let conn = pool.connect().await.expect("connect");
+                pool.put(conn);
+            });
+        };
+
+        let first = runtime();
+        connect_and_return(&first);
+        assert!(pool.reaper.load(Ordering::Acquire));
+        drop(first);
+        assert!(!pool.reaper.load(Ordering::Acquire), "the reaper went with its runtime");
+        assert_eq!(pool.idle.lock().len(), 1, "no reaper ran before the runtime ended");
+
+        let second = runtime();
+        connect_and_return(&second);
+        assert!(pool.reaper.load(Ordering::Acquire), "a second reaper runs on the second runtime");
+        second.block_on(async {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+            while !pool.idle.lock().is_empty() {
+                assert!(tokio::time::Instant::now() < deadline, "idle connections outlived their timeout");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        });
+        for _ in 0..2 {
+            let (mut socket, _) = upstream.accept().expect("accept");
+            socket.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+            assert_eq!(socket.read(&mut [0; 16]).expect("read"), 0, "the pool closed its end");
+        }
     }
 
     #[tokio::test]
