@@ -7,15 +7,17 @@
 //! thread and back. Such a thread gets a command connection of its own, made on its
 //! runtime in the background the first time it calls; until that connection is ready,
 //! and while one cannot be made, the thread's calls use the shared one. Threads of a
-//! multi-threaded runtime always use the shared one. A connection is kept per thread
-//! and runtime: a thread that runs another runtime later makes another.
+//! multi-threaded runtime, and of the runtime that opened the store (a one-shot CLI
+//! command's), always use the shared one. A connection is kept per thread and runtime:
+//! a thread that runs another runtime later makes another. It is closed when the store
+//! is dropped (its task, on the thread's runtime, removes it then).
 
 use std::cell::RefCell;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use tokio::runtime::{Handle, Id, RuntimeFlavor};
+use tokio::sync::watch;
 
 use crate::bounded;
 use crate::conn::Conn;
@@ -36,8 +38,6 @@ struct Entry {
     store: u64,
     /// The runtime that drives the connection: a thread may run another one later.
     runtime: Id,
-    /// Gone once the store is dropped: the entry is then pruned.
-    alive: Weak<()>,
     slot: Slot,
 }
 
@@ -50,14 +50,25 @@ enum Slot {
 /// The per-thread connections of one store.
 pub(crate) struct Local {
     store: u64,
-    alive: Arc<()>,
+    /// The runtime that opened the store, whose thread the shared connection already
+    /// serves without a hop.
+    home: Option<Id>,
+    /// Dropped with the store, which ends each thread's connection task.
+    dropped: watch::Sender<()>,
     target: Target,
     timeout: Duration,
 }
 
 impl Local {
+    /// Per-thread connections to `target`, for a store opened on the current runtime.
     pub(crate) fn new(target: Target, timeout: Duration) -> Self {
-        Self { store: NEXT_STORE.fetch_add(1, Ordering::Relaxed), alive: Arc::new(()), target, timeout }
+        Self {
+            store: NEXT_STORE.fetch_add(1, Ordering::Relaxed),
+            home: Handle::try_current().ok().map(|h| h.id()),
+            dropped: watch::Sender::new(()),
+            target,
+            timeout,
+        }
     }
 
     /// This thread's connection, if it runs a single-threaded runtime and the
@@ -68,6 +79,9 @@ impl Local {
             return None;
         }
         let runtime = handle.id();
+        if self.home == Some(runtime) {
+            return None;
+        }
         CONNS.with(|conns| {
             let mut conns = conns.borrow_mut();
             if let Some(entry) = conns.iter().find(|e| e.store == self.store && e.runtime == runtime) {
@@ -79,20 +93,30 @@ impl Local {
                 }
             }
             // The slow path, once per thread, runtime and store: drop this store's entry of
-            // an earlier runtime, and the dropped stores' entries, too.
-            conns.retain(|e| e.store != self.store && e.alive.strong_count() > 0);
-            conns.push(Entry { store: self.store, runtime, alive: Arc::downgrade(&self.alive), slot: Slot::Connecting });
+            // an earlier runtime (whose task went with it).
+            conns.retain(|e| e.store != self.store);
+            conns.push(Entry { store: self.store, runtime, slot: Slot::Connecting });
             let (store, target, timeout) = (self.store, self.target.clone(), self.timeout);
-            // Spawned on this single-threaded runtime, so it runs on this thread.
+            let mut dropped = self.dropped.subscribe();
+            // Spawned on this single-threaded runtime, so it runs on this thread. It
+            // outlives the connection attempt to remove the entry once the store is
+            // dropped: another thread cannot reach this thread's entries.
             handle.spawn(async move {
-                let slot = match bounded("connect", timeout, Conn::connect(&target, timeout)).await {
-                    Ok(conn) => Slot::Ready(conn),
-                    Err(e) => {
-                        tracing::debug!(target: "idemgate::store", error = %e, "no redis connection of this thread's own; using the shared one");
-                        Slot::Failed(Instant::now())
-                    }
+                let connect = bounded("connect", timeout, Conn::connect(&target, timeout));
+                let slot = tokio::select! {
+                    made = connect => match made {
+                        Ok(conn) => Slot::Ready(conn),
+                        Err(e) => {
+                            tracing::debug!(target: "idemgate::store", error = %e, "no redis connection of this thread's own; using the shared one");
+                            Slot::Failed(Instant::now())
+                        }
+                    },
+                    _ = dropped.changed() => Slot::Failed(Instant::now()),
                 };
                 set(store, runtime, slot);
+                // Never sent to: answers once the store is dropped.
+                let _ = dropped.changed().await;
+                CONNS.with(|conns| conns.borrow_mut().retain(|e| !(e.store == store && e.runtime == runtime)));
             });
             None
         })
@@ -104,6 +128,17 @@ impl Local {
         if let Ok(handle) = Handle::try_current() {
             set(self.store, handle.id(), Slot::Failed(Instant::now()));
         }
+    }
+
+    /// How many entries this thread holds for `store`.
+    #[cfg(test)]
+    pub(crate) fn entries(store: u64) -> usize {
+        CONNS.with(|c| c.borrow().iter().filter(|e| e.store == store).count())
+    }
+
+    #[cfg(test)]
+    pub(crate) fn id(&self) -> u64 {
+        self.store
     }
 
     /// Whether this thread has a connection of its own ready, on the current runtime.
@@ -133,6 +168,7 @@ mod tests {
     use idemgate::{Claim, Fingerprint, StorageKey, Store, StoredResponse, Timestamp, Token};
     use idemgate_testkit::backend;
 
+    use super::Local;
     use crate::RedisStore;
 
     /// A store opened on a runtime of its own, which keeps driving its shared
@@ -174,7 +210,16 @@ mod tests {
         let fp = Fingerprint::compute(&Method::POST, &Uri::from_static("/v1/x"), &HeaderMap::new(), &[], b"{}");
         let single = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
         single.block_on(async {
+            // Opened on this runtime (as a one-shot CLI command does): the shared
+            // connection is already this thread's.
             let store = RedisStore::connect(&url).await.expect("redis answers").with_prefix(prefix.clone());
+            assert!(matches!(store.get(&key).await, Ok(None)));
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            assert!(!store.inner.local.ready(), "the store's own runtime uses the shared connection");
+            assert_eq!(Local::entries(store.inner.local.id()), 0);
+        });
+        let store = shared_store(&url, &prefix);
+        single.block_on(async {
             // The first call goes over the shared connection and starts this thread's.
             assert!(matches!(store.get(&key).await, Ok(None)));
             until_ready(&store).await;
@@ -187,6 +232,17 @@ mod tests {
             store.complete(&lease, &response, Duration::from_secs(60)).await.expect("complete");
             assert!(matches!(store.claim(&key, &fp, Duration::from_secs(30)).await, Ok(Claim::Completed(_))));
             assert!(store.purge(&key).await.expect("purge"));
+            // Dropping the store closes this thread's connection.
+            let id = store.inner.local.id();
+            assert_eq!(Local::entries(id), 1);
+            drop(store);
+            for _ in 0..100 {
+                if Local::entries(id) == 0 {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            panic!("the thread's connection outlived its store by 1 s");
         });
         // The same thread under another runtime, while the first one is not running:
         // the first one's connection (which only that runtime drives) is not used.
