@@ -18,6 +18,8 @@ use idemgate::{
     ServerErrors,
 };
 use idemgate_proxy::{Route, Timeouts};
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject;
 use serde::Deserialize;
 
 /// `--listen`'s environment twin, and so on for each flag.
@@ -74,6 +76,9 @@ pub(crate) struct ConfigArgs {
     /// Threads that serve requests [default: one per core]
     #[arg(long, env = "IDEMGATE_THREADS", value_name = "N")]
     pub(crate) threads: Option<usize>,
+    /// PEM file of CA certificates trusted for https upstreams, beside the public roots
+    #[arg(long, env = "IDEMGATE_UPSTREAM_CA_FILE", value_name = "FILE")]
+    pub(crate) upstream_ca_file: Option<PathBuf>,
     /// Secret that keys tenant hashes; set it so credentials cannot be tested offline
     #[arg(long, env = "IDEMGATE_TENANT_SECRET", value_name = "SECRET", hide_env_values = true)]
     pub(crate) tenant_secret: Option<String>,
@@ -98,6 +103,8 @@ pub(crate) struct RawConfig {
     pub(crate) log_format: Option<String>,
     /// Threads that serve requests.
     pub(crate) threads: Option<usize>,
+    /// CA certificates (PEM) trusted for https upstreams, beside the public roots.
+    pub(crate) upstream_ca_file: Option<PathBuf>,
     /// Secret keying tenant hashes.
     pub(crate) tenant_secret: Option<String>,
     /// Header naming the tenant, instead of the credential.
@@ -319,6 +326,8 @@ pub(crate) struct Config {
     pub(crate) sweep_interval: Duration,
     /// Threads that serve requests: one per core unless set.
     pub(crate) threads: NonZeroUsize,
+    /// The file named by `upstream-ca-file` and the certificates it holds.
+    pub(crate) upstream_ca: Option<(PathBuf, Vec<CertificateDer<'static>>)>,
     /// Tenant scoping, shared by every route.
     pub(crate) scope: Scope,
 }
@@ -373,6 +382,7 @@ impl RawConfig {
         set(&mut self.store, &a.store);
         set(&mut self.log_format, &a.log_format);
         set(&mut self.threads, &a.threads);
+        set(&mut self.upstream_ca_file, &a.upstream_ca_file);
         set(&mut self.tenant_secret, &a.tenant_secret);
         set(&mut self.policy.ttl, &a.ttl);
         set(&mut self.policy.lease, &a.lease);
@@ -405,6 +415,23 @@ fn upstream(field: &str, v: &str) -> Result<Uri, ConfigError> {
         return Err(ConfigError::new(field, format!("{v:?} is not an http:// or https:// base URL")));
     }
     Ok(uri)
+}
+
+/// The CA certificates of a PEM file, each checked to be usable as a trust anchor, so
+/// that a wrong file stops the start rather than the first https call.
+fn ca_file(path: &Path) -> Result<Vec<CertificateDer<'static>>, ConfigError> {
+    let bad = |problem: String| ConfigError::new("upstream-ca-file", format!("{}: {problem}", path.display()));
+    let certs = CertificateDer::pem_file_iter(path)
+        .and_then(Iterator::collect::<Result<Vec<_>, _>>)
+        .map_err(|e| bad(e.to_string()))?;
+    if certs.is_empty() {
+        return Err(bad("holds no PEM certificate (-----BEGIN CERTIFICATE-----)".into()));
+    }
+    let mut roots = rustls::RootCertStore::empty();
+    for (i, cert) in certs.iter().enumerate() {
+        roots.add(cert.clone()).map_err(|e| bad(format!("certificate {} cannot be a trust anchor: {e}", i + 1)))?;
+    }
+    Ok(certs)
 }
 
 fn store_url(v: &str) -> Result<StoreUrl, ConfigError> {
@@ -640,7 +667,19 @@ impl TryFrom<RawConfig> for Config {
                 policy: raw.policy.to_policy("", "default", base)?,
             }]
         };
-        Ok(Config { listen, admin_listen, store, routes, timeouts, log_format, sweep_interval, threads, scope })
+        let upstream_ca = raw.upstream_ca_file.map(|path| ca_file(&path).map(|certs| (path, certs))).transpose()?;
+        Ok(Config {
+            listen,
+            admin_listen,
+            store,
+            routes,
+            timeouts,
+            log_format,
+            sweep_interval,
+            threads,
+            upstream_ca,
+            scope,
+        })
     }
 }
 
@@ -738,6 +777,58 @@ mod tests {
         assert!(err.contains("mysql://app:***@db/x") && !err.contains("hunter2"), "{err}");
         assert_eq!(redact("redis://:pw@h:1/0"), "redis://:***@h:1/0");
         assert_eq!(redact("redis://h:1"), "redis://h:1");
+    }
+
+    /// A self-signed CA (P-256, valid to 2126), made with `openssl req -x509`.
+    const TEST_CA: &str = "-----BEGIN CERTIFICATE-----\n\
+MIIBnDCCAUGgAwIBAgIUeXDVLGheHtCqu7AYq2KzyNMK+VkwCgYIKoZIzj0EAwIw\n\
+IjEgMB4GA1UEAwwXaWRlbWdhdGUgY29uZmlnIHRlc3QgQ0EwIBcNMjYxMjA0MjMz\n\
+NTU0WhgPMjEyNjExMTAyMzM1NTRaMCIxIDAeBgNVBAMMF2lkZW1nYXRlIGNvbmZp\n\
+ZyB0ZXN0IENBMFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAEEbrw4nd+ThkVMxRj\n\
+rX10PCmltAoKE4KbuGEo/2h7dAktr/xZKqTVEuUNgatea8RtIDWAX+El2oVCW17D\n\
+GoP6/KNTMFEwHQYDVR0OBBYEFK8eG6NrHXu930QoAFirLOLuGAZ7MB8GA1UdIwQY\n\
+MBaAFK8eG6NrHXu930QoAFirLOLuGAZ7MA8GA1UdEwEB/wQFMAMBAf8wCgYIKoZI\n\
+zj0EAwIDSQAwRgIhAJpXq6s3xHZfcJqNHnB7zeNsgEy7Thy1Qo3DyHR3ODhvAiEA\n\
+9coJmBizFfaOBGRLfoG4yMw5QajUFFB+cAYa7Kpag+U=\n\
+-----END CERTIFICATE-----\n";
+
+    #[test]
+    fn upstream_ca_files_are_read_whole_or_refused_with_the_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = |name: &str, text: &str| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, text).unwrap();
+            path
+        };
+        let load = |path: &Path| {
+            let mut raw = RawConfig::default();
+            raw.apply(&ConfigArgs { upstream_ca_file: Some(path.to_owned()), ..ConfigArgs::default() });
+            Config::try_from(raw)
+        };
+        let two = file("two.pem", &format!("comments are skipped\n{TEST_CA}{TEST_CA}"));
+        let (path, certs) = load(&two).unwrap().upstream_ca.expect("read");
+        assert_eq!((path, certs.len()), (two, 2));
+        assert!(Config::try_from(RawConfig::default()).unwrap().upstream_ca.is_none());
+        idemgate_proxy::UpstreamClient::trusting(
+            Timeouts::default(),
+            load(&file("one.pem", TEST_CA)).unwrap().upstream_ca.unwrap().1,
+        )
+        .expect("a client trusting it");
+
+        let refused = |path: &Path, why: &str| {
+            let err = load(path).unwrap_err();
+            assert_eq!(err.field(), "upstream-ca-file");
+            let text = err.to_string();
+            assert!(text.contains(&path.display().to_string()) && text.contains(why), "{text}");
+        };
+        refused(&dir.path().join("missing.pem"), "No such file");
+        refused(&file("empty.pem", "no certificates here\n"), "holds no PEM certificate");
+        refused(&file("key.pem", "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n"), "holds no PEM");
+        refused(
+            &file("bad.pem", "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n"),
+            "certificate 1 cannot",
+        );
+        refused(&file("cut.pem", &TEST_CA[..TEST_CA.len() - 30]), "");
     }
 
     #[test]

@@ -211,6 +211,11 @@ fn check_config(args: ConfigArgs) -> anyhow::Result<()> {
         "ok\nlisten:       {}\nadmin-listen: {}\nstore:        {}\nthreads:      {}\n",
         c.listen, c.admin_listen, c.store, c.threads
     );
+    if let Some((path, certs)) = &c.upstream_ca {
+        let n = certs.len();
+        let plural = if n == 1 { "" } else { "s" };
+        text += &format!("upstream-ca:  {} ({n} certificate{plural}, beside the public roots)\n", path.display());
+    }
     for r in &c.routes {
         text += &format!(
             "route {:?}: {} -> {}{} (ttl {})\n",

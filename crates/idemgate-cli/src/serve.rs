@@ -77,7 +77,8 @@ fn install_metrics() -> anyhow::Result<PrometheusHandle> {
 async fn serve_until_signal(config: Config) -> anyhow::Result<()> {
     let metrics = install_metrics()?;
     let store = crate::store::open(&config.store).await?;
-    let client = UpstreamClient::new(config.timeouts).context("cannot build the upstream client")?;
+    let extra_roots = config.upstream_ca.as_ref().map(|(_, certs)| certs.clone()).unwrap_or_default();
+    let client = UpstreamClient::trusting(config.timeouts, extra_roots).context("cannot build the upstream client")?;
     let routes = config.routes.iter().map(config::RouteConfig::to_route).collect();
     let proxy = Proxy::new(routes, store.clone(), client).context("invalid route")?;
 

@@ -1,5 +1,6 @@
 //! The upstream client: pooled HTTP/1.1 connections (`h1.rs`) over TCP or rustls
-//! (ring, Mozilla roots), as a tower `Service` that the idempotency layer wraps.
+//! (ring, Mozilla roots and any the caller adds), as a tower `Service` that the
+//! idempotency layer wraps.
 //!
 //! It never follows redirects (a 3xx goes back to the client as is), bounds the
 //! connect time, the time to the response head and the silence between body frames,
@@ -78,7 +79,20 @@ impl UpstreamClient {
     /// A client with HTTP/1.1 keep-alive pooling (HTTP/2 to upstreams queues long
     /// streams on one connection once its stream limit is reached, so it is not used).
     pub fn new(timeouts: Timeouts) -> Result<Self, ClientError> {
-        let roots = rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
+        Self::trusting(timeouts, Vec::new())
+    }
+
+    /// Like [`new`](Self::new), trusting `extra_roots` (a private CA's certificates,
+    /// say) beside the Mozilla roots, for upstreams whose certificates chain to them.
+    /// Fails if one of them cannot be a trust anchor.
+    pub fn trusting(
+        timeouts: Timeouts,
+        extra_roots: Vec<rustls::pki_types::CertificateDer<'static>>,
+    ) -> Result<Self, ClientError> {
+        let mut roots = rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
+        for cert in extra_roots {
+            roots.add(cert).map_err(ClientError)?;
+        }
         let settings = h1::Settings {
             tls: h1::tls_connector(roots).map_err(ClientError)?,
             connect_timeout: timeouts.connect,
