@@ -1328,57 +1328,14 @@ mod tests {
         assert!(matches!(err, SendError::Connect(..)), "{err}");
     }
 
-    /// A CA and a leaf certificate for 127.0.0.1 made by the `openssl` CLI.
-    fn certificates(dir: &std::path::Path) {
-        let run = |args: &[&str]| {
-            let out = std::process::Command::new("openssl").args(args).current_dir(dir).output().expect("openssl runs");
-            assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-        };
-        let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
-        run(&[
-            &["req", "-x509"][..],
-            &ec,
-            &["-keyout", "ca.key", "-out", "ca.pem", "-subj", "/CN=idemgate test CA", "-days", "1"],
-        ]
-        .concat());
-        run(&[&["req"][..], &ec, &["-keyout", "leaf.key", "-out", "leaf.csr", "-subj", "/CN=127.0.0.1"]].concat());
-        std::fs::write(dir.join("leaf.ext"), "subjectAltName=IP:127.0.0.1\n").expect("write");
-        run(&[
-            "x509",
-            "-req",
-            "-in",
-            "leaf.csr",
-            "-CA",
-            "ca.pem",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-out",
-            "leaf.pem",
-            "-days",
-            "1",
-            "-extfile",
-            "leaf.ext",
-        ]);
-    }
-
     #[tokio::test]
     async fn https_upstreams_are_verified_and_their_connections_reused() {
+        use rustls::pki_types::CertificateDer;
         use rustls::pki_types::pem::PemObject;
-        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
         let dir = tempfile::tempdir().expect("tempdir");
-        certificates(dir.path());
-        let chain = vec![CertificateDer::from_pem_file(dir.path().join("leaf.pem")).expect("leaf")];
-        let key = PrivateKeyDer::from_pem_file(dir.path().join("leaf.key")).expect("key");
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let server = rustls::ServerConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .expect("versions")
-            .with_no_client_auth()
-            .with_single_cert(chain, key)
-            .expect("server config");
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
+        let pki = idemgate_testkit::pki::make(dir.path());
+        let acceptor = tokio_rustls::TlsAcceptor::from(pki.server_config());
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let (handshakes, requests) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
@@ -1406,7 +1363,7 @@ mod tests {
 
         // Trusted by the pool's roots: two requests, one handshake.
         let mut roots = rustls::RootCertStore::empty();
-        roots.add(CertificateDer::from_pem_file(dir.path().join("ca.pem")).expect("ca")).expect("a root");
+        roots.add(CertificateDer::from_pem_file(&pki.ca).expect("ca")).expect("a root");
         let pool = HostPool::new(true, &authority, settings(tls_connector(roots).expect("tls")));
         for _ in 0..2 {
             let res = pool.send(&Method::POST, "/", &HeaderMap::new(), json("{}")).await.expect("a response over TLS");

@@ -32,6 +32,7 @@
 pub mod backend;
 mod harness;
 pub mod mock;
+pub mod pki;
 mod sample;
 pub mod suite;
 
