@@ -106,8 +106,11 @@
 //!   which transaction pooling breaks ("prepared statement already exists").
 //! - **TLS.** `sslmode=require` (or `verify-ca`, `verify-full`) connects with rustls,
 //!   which always verifies the server's certificate and host name, against the
-//!   Mozilla roots (`webpki-roots`): a managed database with a certificate from a
-//!   public CA works, one with a private CA does not yet. Without `sslmode`, or with
+//!   Mozilla roots (`webpki-roots`), or, as libpq does, against only the
+//!   certificates of the PEM file `sslrootcert=PATH` names (a managed database's CA
+//!   bundle, say; `%20` for a space in the path; read when the URL is parsed, so a
+//!   wrong file fails `connect` at once; `sslrootcert=system` is the default roots).
+//!   Without `sslmode`, or with
 //!   `disable` or `prefer`, the connection is plain text: `prefer`'s
 //!   unverified encryption is not offered.
 //! - **Migration.** [`PostgresStore::connect`] creates the schema and the tables if
@@ -261,7 +264,7 @@ impl PostgresStoreBuilder {
         if let Some(timeout) = self.timeout {
             options.set_timeout(timeout);
         }
-        let tls = Options::tls_connector()?;
+        let tls = options.tls_connector()?;
         let pool = Pool::new(&options, tls.clone())?;
         let schema = options.schema.clone();
         {

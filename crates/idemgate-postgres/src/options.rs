@@ -3,14 +3,18 @@
 //! `postgres://user[:password]@host[:port]/dbname[?option=value&...]` (or
 //! `postgresql://`). The options tokio-postgres knows (`sslmode`, `application_name`,
 //! `connect_timeout`, ...) go to it unchanged; idemgate takes out its own (`schema`,
-//! `pool_size`, `timeout_ms`) first, because tokio-postgres refuses options it does not
-//! know. Error messages never repeat the URL: it may carry a password.
+//! `pool_size`, `timeout_ms`) and libpq's `sslrootcert`, which tokio-postgres lacks,
+//! first, because tokio-postgres refuses options it does not know. Error messages
+//! never repeat the URL: it may carry a password.
 
+use std::path::Path;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use idemgate::StoreError;
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject;
 use tokio_postgres::config::SslMode;
 use tokio_postgres_rustls::MakeRustlsConnect;
 
@@ -26,6 +30,8 @@ pub(crate) struct Options {
     /// The bound on each step of an operation: waiting for a connection, opening one,
     /// and running the statement.
     pub(crate) timeout: Duration,
+    /// The certificates of `sslrootcert`, trusted instead of the Mozilla roots.
+    roots: Option<Vec<CertificateDer<'static>>>,
 }
 
 /// The pool size when the URL and the builder name none.
@@ -54,6 +60,7 @@ impl Options {
         let mut pool_size = None;
         let mut timeout = None;
         let mut tls = false;
+        let mut roots = None;
         let mut kept = Vec::new();
         for pair in query.split('&').filter(|p| !p.is_empty()) {
             let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
@@ -75,6 +82,13 @@ impl Options {
                     tls = true;
                     kept.push("sslmode=require".to_owned());
                 }
+                // libpq's `system` (16+) names the default roots.
+                "sslrootcert" if value == "system" => roots = None,
+                "sslrootcert" => {
+                    // A path may hold a space or an `&`, escaped as `%20`, `%26`.
+                    let path = percent_encoding::percent_decode_str(value).decode_utf8_lossy();
+                    roots = Some(root_certificates(&path)?);
+                }
                 _ => kept.push(pair.to_owned()),
             }
         }
@@ -85,6 +99,12 @@ impl Options {
         };
         let mut pg = tokio_postgres::Config::from_str(&rebuilt)
             .map_err(|e| StoreError::invalid("the postgres url is not valid", e))?;
+        if roots.is_some() && !tls {
+            return Err(invalid(
+                "sslrootcert in the postgres url needs sslmode=require, verify-ca or verify-full: without it the \
+                 connection is plain text and the certificates would go unused",
+            ));
+        }
         if !tls {
             // `prefer`, tokio-postgres' default, would try TLS with a verifying
             // connector and fail on the self-signed certificates `prefer` is meant to
@@ -94,8 +114,13 @@ impl Options {
         if pg.get_application_name().is_none() {
             pg.application_name(DEFAULT_APPLICATION_NAME);
         }
-        let mut options =
-            Self { pg, schema: None, pool_size: pool_size.unwrap_or(DEFAULT_POOL_SIZE), timeout: DEFAULT_TIMEOUT };
+        let mut options = Self {
+            pg,
+            schema: None,
+            pool_size: pool_size.unwrap_or(DEFAULT_POOL_SIZE),
+            timeout: DEFAULT_TIMEOUT,
+            roots,
+        };
         if let Some(schema) = schema {
             options.set_schema(schema)?;
         }
@@ -138,11 +163,19 @@ impl Options {
 
     /// The TLS connector: used only when the URL asked for TLS (otherwise the
     /// `sslmode` is `disable` and tokio-postgres never calls it). rustls with the
-    /// `ring` provider and the Mozilla roots, set here rather than process-wide so
-    /// that no other crate's provider choice can interfere.
-    pub(crate) fn tls_connector() -> Result<MakeRustlsConnect, StoreError> {
+    /// `ring` provider and the Mozilla roots, or `sslrootcert`'s certificates instead
+    /// (as libpq does), set here rather than process-wide so that no other crate's
+    /// provider choice can interfere.
+    pub(crate) fn tls_connector(&self) -> Result<MakeRustlsConnect, StoreError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let roots = rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
+        let roots = match &self.roots {
+            None => rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() },
+            Some(certs) => {
+                let mut roots = rustls::RootCertStore::empty();
+                roots.add_parsable_certificates(certs.iter().cloned());
+                roots
+            }
+        };
         let config = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .map_err(|e| StoreError::unavailable("postgres cannot set up TLS", e))?
@@ -159,6 +192,23 @@ impl Options {
             None => "idemgate".to_owned(),
         }
     }
+}
+
+/// The certificates of the PEM file at `path`, each checked to be usable as a trust
+/// anchor, so that a wrong file fails the start rather than every connection.
+fn root_certificates(path: &str) -> Result<Vec<CertificateDer<'static>>, StoreError> {
+    let bad = |problem: String| invalid(format!("sslrootcert {path}: {problem}"));
+    let certs = CertificateDer::pem_file_iter(Path::new(path))
+        .and_then(Iterator::collect::<Result<Vec<_>, _>>)
+        .map_err(|e| bad(e.to_string()))?;
+    if certs.is_empty() {
+        return Err(bad("holds no PEM certificate (-----BEGIN CERTIFICATE-----)".into()));
+    }
+    let mut roots = rustls::RootCertStore::empty();
+    for (i, cert) in certs.iter().enumerate() {
+        roots.add(cert.clone()).map_err(|e| bad(format!("certificate {} cannot be a trust anchor: {e}", i + 1)))?;
+    }
+    Ok(certs)
 }
 
 fn invalid(message: impl Into<String>) -> StoreError {
@@ -209,7 +259,7 @@ mod tests {
             let o = Options::parse(&format!("postgres://u@h/db?sslmode={mode}")).unwrap();
             assert_eq!(o.pg.get_ssl_mode(), SslMode::Disable, "{mode}");
         }
-        assert!(Options::tls_connector().is_ok());
+        assert!(Options::parse("postgres://u@h/db?sslmode=require").unwrap().tls_connector().is_ok());
     }
 
     #[test]
@@ -232,6 +282,30 @@ mod tests {
         }
         let long = "a".repeat(MAX_SCHEMA_LEN + 1);
         assert!(Options::parse(&format!("postgres://u@h/db?schema={long}")).is_err());
+    }
+
+    #[test]
+    fn sslrootcert_is_read_at_parse_time_and_needs_tls() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = idemgate_testkit::pki::make(dir.path());
+        let ca = pki.ca.display();
+        let o = Options::parse(&format!("postgres://u@h/db?sslmode=verify-full&sslrootcert={ca}")).unwrap();
+        assert_eq!(o.roots.as_ref().map(Vec::len), Some(1));
+        assert_eq!(o.pg.get_ssl_mode(), SslMode::Require);
+        assert!(o.tls_connector().is_ok());
+        assert!(Options::parse("postgres://u@h/db?sslmode=require&sslrootcert=system").unwrap().roots.is_none());
+
+        let refused = |url: String, why: &str| {
+            let Err(e) = Options::parse(&url) else { panic!("{url} parses") };
+            assert_eq!(e.kind(), idemgate::ErrorKind::Invalid);
+            assert!(e.to_string().contains(why), "{url}: {e}");
+        };
+        refused(format!("postgres://u@h/db?sslrootcert={ca}"), "needs sslmode=require");
+        refused(format!("postgres://u@h/db?sslmode=prefer&sslrootcert={ca}"), "needs sslmode=require");
+        let missing = dir.path().join("missing.pem");
+        refused(format!("postgres://u@h/db?sslmode=require&sslrootcert={}", missing.display()), "missing.pem");
+        let key = pki.key.display();
+        refused(format!("postgres://u@h/db?sslmode=require&sslrootcert={key}"), "holds no PEM certificate");
     }
 
     #[test]
