@@ -6,9 +6,11 @@ use std::time::Duration;
 use redis::aio::{AsyncPushSender, ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClientBuilder;
 use redis::cluster_async::ClusterConnection;
-use redis::{Client, Cmd, IntoConnectionInfo, Pipeline, ProtocolVersion, RedisFuture, RedisResult, Value};
+use redis::{
+    Client, Cmd, IntoConnectionInfo, Pipeline, ProtocolVersion, RedisFuture, RedisResult, TlsCertificates, Value,
+};
 
-use crate::target::Target;
+use crate::target::{Nodes, Target};
 
 /// How a reconnecting connection backs off: a short first pause, and few attempts
 /// per operation, so that an operation during an outage fails within the timeout and
@@ -27,13 +29,13 @@ pub(crate) enum Conn {
 
 impl Conn {
     pub(crate) async fn connect(target: &Target, timeout: Duration) -> RedisResult<Self> {
-        match target {
-            Target::Single(url) => {
-                let client = Client::open(url.as_str())?;
+        match &target.nodes {
+            Nodes::Single(url) => {
+                let client = client(url.as_str(), target)?;
                 Ok(Self::Single(ConnectionManager::new_with_config(client, manager_config(timeout)).await?))
             }
-            Target::Cluster(nodes) => {
-                let client = cluster_builder(nodes, timeout).build()?;
+            Nodes::Cluster(nodes) => {
+                let client = cluster_builder(nodes, target, timeout).build()?;
                 Ok(Self::Cluster(client.get_async_connection().await?))
             }
         }
@@ -78,17 +80,19 @@ pub(crate) enum SubConn {
 
 impl SubConn {
     pub(crate) async fn connect(target: &Target, timeout: Duration, push: impl AsyncPushSender) -> RedisResult<Self> {
-        match target {
-            Target::Single(url) => {
+        match &target.nodes {
+            Nodes::Single(url) => {
                 let info = url.as_str().into_connection_info()?;
                 let settings = info.redis_settings().clone().set_protocol(ProtocolVersion::RESP3);
-                let client = Client::open(info.set_redis_settings(settings))?;
+                let client = client(info.set_redis_settings(settings), target)?;
                 let config = manager_config(timeout).set_push_sender(push).set_automatic_resubscription();
                 Ok(Self::Single(ConnectionManager::new_with_config(client, config).await?))
             }
-            Target::Cluster(nodes) => {
-                let client =
-                    cluster_builder(nodes, timeout).use_protocol(ProtocolVersion::RESP3).push_sender(push).build()?;
+            Nodes::Cluster(nodes) => {
+                let client = cluster_builder(nodes, target, timeout)
+                    .use_protocol(ProtocolVersion::RESP3)
+                    .push_sender(push)
+                    .build()?;
                 Ok(Self::Cluster(client.get_async_connection().await?))
             }
         }
@@ -124,9 +128,9 @@ impl SubConn {
 
 /// The publish command the scripts use, matching [`SubConn::subscribe`].
 pub(crate) const fn publish_command(target: &Target) -> &'static str {
-    match target {
-        Target::Single(_) => "PUBLISH",
-        Target::Cluster(_) => "SPUBLISH",
+    match target.nodes {
+        Nodes::Single(_) => "PUBLISH",
+        Nodes::Cluster(_) => "SPUBLISH",
     }
 }
 
@@ -139,9 +143,26 @@ fn manager_config(timeout: Duration) -> ConnectionManagerConfig {
         .set_number_of_retries(RECONNECT_RETRIES)
 }
 
-fn cluster_builder(nodes: &[String], timeout: Duration) -> ClusterClientBuilder {
-    ClusterClientBuilder::new(nodes.iter().map(String::as_str))
+/// The certificates a TLS connection trusts instead of the Mozilla roots, if any.
+fn certificates(target: &Target) -> Option<TlsCertificates> {
+    let pem = target.root_cert.as_ref()?;
+    Some(TlsCertificates { client_tls: None, root_cert: Some(pem.to_vec()) })
+}
+
+fn client(info: impl IntoConnectionInfo, target: &Target) -> RedisResult<Client> {
+    match certificates(target) {
+        Some(certs) => Client::build_with_tls(info, certs),
+        None => Client::open(info),
+    }
+}
+
+fn cluster_builder(nodes: &[String], target: &Target, timeout: Duration) -> ClusterClientBuilder {
+    let builder = ClusterClientBuilder::new(nodes.iter().map(String::as_str))
         .connection_timeout(timeout)
         .response_timeout(timeout)
-        .retries(CLUSTER_RETRIES)
+        .retries(CLUSTER_RETRIES);
+    match certificates(target) {
+        Some(certs) => builder.certs(certs),
+        None => builder,
+    }
 }

@@ -180,10 +180,13 @@ impl fmt::Debug for RedisStore {
 impl RedisStore {
     /// Connects to `redis://host:port[/db]`, `rediss://…` (TLS, with the webpki roots)
     /// or `redis+cluster://host:port,host:port,…` (a Redis Cluster, by seed nodes), with
-    /// [`DEFAULT_TIMEOUT`].
+    /// [`DEFAULT_TIMEOUT`]. With TLS, `?cacert=PATH` (percent-encoded) names a PEM file
+    /// of CA certificates trusted instead of the webpki roots, as `redis-cli --cacert`
+    /// does, for a server whose certificate comes from a private CA.
     ///
-    /// Fails with `Unavailable` when the URL names no Redis or the server does not
-    /// answer within the timeout.
+    /// Fails with `Invalid` when the URL names no Redis or its `cacert` holds no usable
+    /// certificate (or is given without TLS), and with `Unavailable` when the server
+    /// does not answer within the timeout or its certificate is not trusted.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
         Self::connect_with_timeout(url, DEFAULT_TIMEOUT).await
     }
@@ -200,7 +203,7 @@ impl RedisStore {
         let inner = Inner {
             conn,
             local: Local::new(target.clone(), timeout),
-            cluster: matches!(target, Target::Cluster(_)),
+            cluster: target.is_cluster(),
             publish: publish_command(&target),
             timeout,
             waiters,

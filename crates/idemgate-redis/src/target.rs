@@ -1,43 +1,78 @@
-//! What a store URL names: one server or the seed nodes of a cluster.
+//! What a store URL names: one server or the seed nodes of a cluster, and the CA
+//! certificates a TLS connection trusts.
 //!
 //! `redis://` and `rediss://` (TLS) URLs go to the redis crate as they are; a
 //! `redis+cluster://[user:pass@]h1:p1,h2:p2[/db][?query]` URL (or `rediss+cluster://`)
 //! becomes one `redis://` URL per seed node, each with the same credentials and
-//! options. Errors never repeat the URL, which may carry a password.
+//! options. idemgate's own query option `cacert=PATH` (percent-encoded, as `%20` for a
+//! space) is taken out first: a PEM file of CA certificates that TLS connections trust
+//! instead of the Mozilla roots, as `redis-cli --cacert` does. Errors never repeat
+//! the URL, which may carry a password.
 
 use std::fmt;
+use std::path::Path;
+use std::sync::Arc;
 
-/// Where the store's data lives.
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject;
+
+/// Where the store's data lives, and whom its TLS connections trust.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum Target {
+pub(crate) struct Target {
+    pub(crate) nodes: Nodes,
+    /// The PEM text of `cacert`: trusted instead of the Mozilla roots.
+    pub(crate) root_cert: Option<Arc<[u8]>>,
+}
+
+/// One server or a cluster's seed nodes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Nodes {
     /// One server.
     Single(String),
     /// A Redis Cluster, reached through these seed nodes.
     Cluster(Vec<String>),
 }
 
-/// A store URL that names no Redis.
+/// A store URL that names no Redis, or a `cacert` that cannot be used.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct InvalidUrl(&'static str);
+pub(crate) struct InvalidUrl(String);
 
 impl fmt::Display for InvalidUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.0)
+        f.write_str(&self.0)
     }
 }
 
 impl std::error::Error for InvalidUrl {}
 
+fn invalid(message: impl Into<String>) -> InvalidUrl {
+    InvalidUrl(message.into())
+}
+
+const SCHEMES: &str = "a redis store url starts with redis://, rediss:// or redis+cluster://";
+
 impl Target {
     pub(crate) fn parse(url: &str) -> Result<Self, InvalidUrl> {
-        let Some((scheme, rest)) = url.split_once("://") else {
-            return Err(InvalidUrl("a redis store url starts with redis://, rediss:// or redis+cluster://"));
+        let Some((scheme, _)) = url.split_once("://") else {
+            return Err(invalid(SCHEMES));
         };
+        let (url, cacert) = take_cacert(url);
+        let root_cert = match cacert {
+            None => None,
+            Some(_) if !matches!(scheme, "rediss" | "rediss+cluster") => {
+                return Err(invalid(
+                    "cacert in the redis store url needs rediss:// (or rediss+cluster://): without TLS the \
+                     certificates would go unused",
+                ));
+            }
+            Some(path) => Some(root_certificates(&path)?),
+        };
+        let rest = &url[scheme.len() + 3..];
         let node_scheme = match scheme {
-            "redis" | "rediss" | "redis+unix" | "unix" => return Ok(Self::Single(url.to_owned())),
+            "redis" | "rediss" | "redis+unix" | "unix" => return Ok(Self { nodes: Nodes::Single(url), root_cert }),
             "redis+cluster" => "redis",
             "rediss+cluster" => "rediss",
-            _ => return Err(InvalidUrl("a redis store url starts with redis://, rediss:// or redis+cluster://")),
+            _ => return Err(invalid(SCHEMES)),
         };
         let (authority, tail) = rest.find(['/', '?', '#']).map_or((rest, ""), |at| rest.split_at(at));
         let (credentials, hosts) = match authority.rsplit_once('@') {
@@ -52,10 +87,55 @@ impl Target {
             })
             .collect();
         if hosts.split(',').any(str::is_empty) {
-            return Err(InvalidUrl("a redis+cluster:// url names its nodes as host:port,host:port,..."));
+            return Err(invalid("a redis+cluster:// url names its nodes as host:port,host:port,..."));
         }
-        Ok(Self::Cluster(nodes))
+        Ok(Self { nodes: Nodes::Cluster(nodes), root_cert })
     }
+
+    pub(crate) const fn is_cluster(&self) -> bool {
+        matches!(self.nodes, Nodes::Cluster(_))
+    }
+}
+
+/// `url` without its `cacert` query option, and that option's decoded value.
+fn take_cacert(url: &str) -> (String, Option<String>) {
+    let (before_fragment, fragment) = url.split_once('#').map_or((url, None), |(u, f)| (u, Some(f)));
+    let Some((base, query)) = before_fragment.split_once('?') else { return (url.to_owned(), None) };
+    let mut cacert = None;
+    let kept: Vec<&str> = query
+        .split('&')
+        .filter(|pair| match pair.strip_prefix("cacert=") {
+            Some(value) => {
+                cacert = Some(percent_encoding::percent_decode_str(value).decode_utf8_lossy().into_owned());
+                false
+            }
+            None => true,
+        })
+        .collect();
+    let mut out = base.to_owned();
+    if !kept.is_empty() {
+        out = format!("{out}?{}", kept.join("&"));
+    }
+    if let Some(fragment) = fragment {
+        out = format!("{out}#{fragment}");
+    }
+    (out, cacert)
+}
+
+/// The PEM text of the file at `path`, once every certificate in it is known to be
+/// usable as a trust anchor, so that a wrong file fails `connect` with its reason.
+fn root_certificates(path: &str) -> Result<Arc<[u8]>, InvalidUrl> {
+    let bad = |problem: String| invalid(format!("cacert {path}: {problem}"));
+    let pem = std::fs::read(Path::new(path)).map_err(|e| bad(e.to_string()))?;
+    let certs = CertificateDer::pem_slice_iter(&pem).collect::<Result<Vec<_>, _>>().map_err(|e| bad(e.to_string()))?;
+    if certs.is_empty() {
+        return Err(bad("holds no PEM certificate (-----BEGIN CERTIFICATE-----)".into()));
+    }
+    let mut roots = rustls::RootCertStore::empty();
+    for (i, cert) in certs.into_iter().enumerate() {
+        roots.add(cert).map_err(|e| bad(format!("certificate {} cannot be a trust anchor: {e}", i + 1)))?;
+    }
+    Ok(pem.into())
 }
 
 #[cfg(test)]
@@ -65,23 +145,48 @@ mod tests {
     #[test]
     fn single_urls_pass_through() {
         for url in ["redis://127.0.0.1:6379", "redis://h:1/2", "rediss://u:p@h:6380/0#insecure"] {
-            assert_eq!(Target::parse(url), Ok(Target::Single(url.into())));
+            assert_eq!(Target::parse(url), Ok(Target { nodes: Nodes::Single(url.into()), root_cert: None }));
         }
     }
 
     #[test]
     fn cluster_urls_become_one_url_per_node() {
         assert_eq!(
-            Target::parse("redis+cluster://a:1,b:2,[::1]:3"),
-            Ok(Target::Cluster(vec!["redis://a:1".into(), "redis://b:2".into(), "redis://[::1]:3".into()]))
+            Target::parse("redis+cluster://a:1,b:2,[::1]:3").map(|t| t.nodes),
+            Ok(Nodes::Cluster(vec!["redis://a:1".into(), "redis://b:2".into(), "redis://[::1]:3".into()]))
         );
         assert_eq!(
-            Target::parse("rediss+cluster://u:p%40ss@a:1,b:2/?protocol=resp3"),
-            Ok(Target::Cluster(vec![
+            Target::parse("rediss+cluster://u:p%40ss@a:1,b:2/?protocol=resp3").map(|t| t.nodes),
+            Ok(Nodes::Cluster(vec![
                 "rediss://u:p%40ss@a:1/?protocol=resp3".into(),
                 "rediss://u:p%40ss@b:2/?protocol=resp3".into()
             ]))
         );
+    }
+
+    #[test]
+    fn cacert_is_taken_out_of_the_url_and_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = idemgate_testkit::pki::make(dir.path());
+        let spaced = dir.path().join("with space.pem");
+        std::fs::copy(&pki.ca, &spaced).unwrap();
+        let escaped = spaced.display().to_string().replace(' ', "%20");
+        let pem: Arc<[u8]> = std::fs::read(&pki.ca).unwrap().into();
+
+        let t = Target::parse(&format!("rediss://u:p@h:6380/0?cacert={escaped}&protocol=resp3#insecure")).unwrap();
+        assert_eq!(t.nodes, Nodes::Single("rediss://u:p@h:6380/0?protocol=resp3#insecure".into()));
+        assert_eq!(t.root_cert, Some(Arc::clone(&pem)));
+        let t = Target::parse(&format!("rediss+cluster://a:1,b:2/?cacert={}", pki.ca.display())).unwrap();
+        assert_eq!(t.nodes, Nodes::Cluster(vec!["rediss://a:1/".into(), "rediss://b:2/".into()]));
+        assert_eq!(t.root_cert, Some(pem));
+
+        let refused = |url: String, why: &str| {
+            let err = Target::parse(&url).expect_err(&url).to_string();
+            assert!(err.contains(why) && !err.contains("secret"), "{url}: {err}");
+        };
+        refused(format!("redis://u:secret@h:6379?cacert={}", pki.ca.display()), "needs rediss://");
+        refused(format!("rediss://u:secret@h?cacert={}", dir.path().join("missing.pem").display()), "missing.pem");
+        refused(format!("rediss://u:secret@h?cacert={}", pki.key.display()), "holds no PEM certificate");
     }
 
     #[test]

@@ -144,9 +144,9 @@ impl PrivateServer {
         Self::start_with(false)
     }
 
-    /// Starts one that speaks TLS only, with a self-signed certificate made by the
-    /// `openssl` CLI; `None` when either is missing (skipped locally, a failure
-    /// under CI).
+    /// Starts one that speaks TLS only, with a certificate for 127.0.0.1 from a
+    /// private CA made by the `openssl` CLI (`ca.pem` in [`dir`](Self::dir)); `None`
+    /// when either is missing (skipped locally, a failure under CI).
     pub(crate) fn start_tls() -> Option<Self> {
         Self::start_with(true)
     }
@@ -168,23 +168,14 @@ impl PrivateServer {
         let port = TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("a free port").port();
         let dir = tempfile::tempdir().expect("a temporary directory");
         if tls {
-            let made = Command::new("openssl")
-                .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost"])
-                .args(["-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"])
-                .args(["-keyout", "key.pem", "-out", "cert.pem"])
-                .current_dir(dir.path())
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status()
-                .expect("openssl runs");
-            assert!(made.success(), "openssl made no certificate");
+            idemgate_testkit::pki::make(dir.path());
         }
         let mut server = Self { dir, port, tls, child: None };
         server.restart();
         Some(server)
     }
 
-    /// Where the server keeps its files (and, with TLS, `cert.pem`).
+    /// Where the server keeps its files (and, with TLS, the CA's `ca.pem`).
     pub(crate) fn dir(&self) -> &Path {
         self.dir.path()
     }
@@ -224,8 +215,8 @@ fn spawn_server(dir: &Path, port: u16, tls: bool) -> Child {
     let port = port.to_string();
     let mut cmd = Command::new("redis-server");
     if tls {
-        cmd.args(["--port", "0", "--tls-port", &port, "--tls-cert-file", "cert.pem", "--tls-key-file", "key.pem"]);
-        cmd.args(["--tls-ca-cert-file", "cert.pem", "--tls-auth-clients", "no"]);
+        cmd.args(["--port", "0", "--tls-port", &port, "--tls-cert-file", "leaf.pem", "--tls-key-file", "leaf.key"]);
+        cmd.args(["--tls-ca-cert-file", "ca.pem", "--tls-auth-clients", "no"]);
     } else {
         cmd.args(["--port", &port]);
     }
