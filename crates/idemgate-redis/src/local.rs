@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use tokio::runtime::{Handle, Id, RuntimeFlavor};
 use tokio::sync::watch;
+use tokio::task::AbortHandle;
 
 use crate::bounded;
 use crate::conn::Conn;
@@ -39,6 +40,20 @@ struct Entry {
     /// The runtime that drives the connection: a thread may run another one later.
     runtime: Id,
     slot: Slot,
+    /// Closed once the store is dropped.
+    dropped: watch::Receiver<()>,
+    /// The task that made the connection and removes the entry with the store.
+    task: Option<AbortHandle>,
+}
+
+impl Drop for Entry {
+    /// An entry replaced (a retry, another runtime) or removed ends its task, which
+    /// would otherwise wait for the store's drop.
+    fn drop(&mut self) {
+        if let Some(task) = &self.task {
+            task.abort();
+        }
+    }
 }
 
 enum Slot {
@@ -92,16 +107,18 @@ impl Local {
                     Slot::Failed(_) => {}
                 }
             }
-            // The slow path, once per thread, runtime and store: drop this store's entry of
-            // an earlier runtime (whose task went with it).
-            conns.retain(|e| e.store != self.store);
-            conns.push(Entry { store: self.store, runtime, slot: Slot::Connecting });
-            let (store, target, timeout) = (self.store, self.target.clone(), self.timeout);
+            // The slow path, once per thread, runtime and store (and per retry): drop this
+            // store's entry (of an earlier attempt or runtime), and those of dropped stores
+            // whose task could not remove them (its runtime ended first).
+            conns.retain(|e| e.store != self.store && e.dropped.has_changed().is_ok());
             let mut dropped = self.dropped.subscribe();
+            let slot = Slot::Connecting;
+            conns.push(Entry { store: self.store, runtime, slot, dropped: dropped.clone(), task: None });
+            let (store, target, timeout) = (self.store, self.target.clone(), self.timeout);
             // Spawned on this single-threaded runtime, so it runs on this thread. It
             // outlives the connection attempt to remove the entry once the store is
             // dropped: another thread cannot reach this thread's entries.
-            handle.spawn(async move {
+            let task = handle.spawn(async move {
                 let connect = bounded("connect", timeout, Conn::connect(&target, timeout));
                 let slot = tokio::select! {
                     made = connect => match made {
@@ -118,6 +135,9 @@ impl Local {
                 let _ = dropped.changed().await;
                 CONNS.with(|conns| conns.borrow_mut().retain(|e| !(e.store == store && e.runtime == runtime)));
             });
+            if let Some(entry) = conns.last_mut() {
+                entry.task = Some(task.abort_handle());
+            }
             None
         })
     }
@@ -186,6 +206,50 @@ mod tests {
             });
         });
         rx.recv().expect("store")
+    }
+
+    /// A retry replaces the thread's entry and ends the task of the one before; the
+    /// store's drop ends the last one and removes its entry. No server needed: every
+    /// attempt fails at once against a closed port.
+    #[test]
+    fn a_retry_ends_the_task_before_it_and_the_stores_drop_ends_the_last() {
+        use std::time::Instant;
+
+        use super::{CONNS, RETRY_AFTER, Slot, set};
+        use crate::target::Target;
+
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        let target = Target::parse(&format!("redis://{closed}")).unwrap();
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let local = Local::new(target, Duration::from_millis(200));
+        let id = local.id();
+        runtime.block_on(async {
+            let alive = || tokio::runtime::Handle::current().metrics().num_alive_tasks();
+            let failed =
+                || CONNS.with(|c| c.borrow().iter().any(|e| e.store == id && matches!(e.slot, Slot::Failed(_))));
+            for attempt in 1..=3 {
+                assert!(local.get().is_none());
+                for _ in 0..200 {
+                    if failed() {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                assert!(failed(), "attempt {attempt} failed against the closed port");
+                assert_eq!((alive(), Local::entries(id)), (1, 1), "attempt {attempt}: one task, one entry");
+                // As if the retry pause were over.
+                let long_ago = Instant::now().checked_sub(RETRY_AFTER * 2).expect("an instant 10 s ago");
+                set(id, tokio::runtime::Handle::current().id(), Slot::Failed(long_ago));
+            }
+            drop(local);
+            for _ in 0..200 {
+                if alive() == 0 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            assert_eq!((alive(), Local::entries(id)), (0, 0), "the store's drop ended the task and its entry");
+        });
     }
 
     async fn until_ready(store: &RedisStore) {
