@@ -12,14 +12,13 @@ use std::time::Duration;
 
 use clap::Args;
 use http::{HeaderName, Uri};
+use idemgate::tls::CertificateDer;
 use idemgate::usage::{ModelPrice, Prices};
 use idemgate::{
     DerivedKey, KeyForwarding, KeyRequirement, OnInFlight, OnStoreError, Policy, ReplayPace, Scope, Secret,
     ServerErrors,
 };
 use idemgate_proxy::{Route, Timeouts};
-use rustls::pki_types::CertificateDer;
-use rustls::pki_types::pem::PemObject;
 use serde::Deserialize;
 
 /// `--listen`'s environment twin, and so on for each flag.
@@ -46,7 +45,7 @@ pub(crate) struct ConfigArgs {
         help = "Upstream base URL when no routes are configured [default: https://api.openai.com]"
     )]
     pub(crate) upstream: Option<String>,
-    /// Store URL: sqlite://PATH or memory:// [default: sqlite://idemgate.db]
+    /// Store URL: sqlite://PATH, memory://, redis[s]://…, redis[s]+cluster://… or postgres://… [default: sqlite://idemgate.db]
     #[arg(long, env = "IDEMGATE_STORE", value_name = "URL")]
     pub(crate) store: Option<String>,
     /// How long completed records are kept, e.g. 24h [default: 24h]
@@ -417,23 +416,6 @@ fn upstream(field: &str, v: &str) -> Result<Uri, ConfigError> {
     Ok(uri)
 }
 
-/// The CA certificates of a PEM file, each checked to be usable as a trust anchor, so
-/// that a wrong file stops the start rather than the first https call.
-fn ca_file(path: &Path) -> Result<Vec<CertificateDer<'static>>, ConfigError> {
-    let bad = |problem: String| ConfigError::new("upstream-ca-file", format!("{}: {problem}", path.display()));
-    let certs = CertificateDer::pem_file_iter(path)
-        .and_then(Iterator::collect::<Result<Vec<_>, _>>)
-        .map_err(|e| bad(e.to_string()))?;
-    if certs.is_empty() {
-        return Err(bad("holds no PEM certificate (-----BEGIN CERTIFICATE-----)".into()));
-    }
-    let mut roots = rustls::RootCertStore::empty();
-    for (i, cert) in certs.iter().enumerate() {
-        roots.add(cert.clone()).map_err(|e| bad(format!("certificate {} cannot be a trust anchor: {e}", i + 1)))?;
-    }
-    Ok(certs)
-}
-
 fn store_url(v: &str) -> Result<StoreUrl, ConfigError> {
     if v == "memory://" || v == "memory" {
         return Ok(StoreUrl::Memory);
@@ -446,7 +428,7 @@ fn store_url(v: &str) -> Result<StoreUrl, ConfigError> {
     }
     let scheme = v.split_once("://").map(|(s, _)| s);
     match scheme {
-        Some("redis" | "rediss" | "redis+cluster") if v.len() > scheme.map_or(0, str::len) + 3 => {
+        Some("redis" | "rediss" | "redis+cluster" | "rediss+cluster") if v.len() > scheme.map_or(0, str::len) + 3 => {
             Ok(StoreUrl::Redis(v.to_owned()))
         }
         Some("postgres" | "postgresql") => Ok(StoreUrl::Postgres(v.to_owned())),
@@ -667,7 +649,14 @@ impl TryFrom<RawConfig> for Config {
                 policy: raw.policy.to_policy("", "default", base)?,
             }]
         };
-        let upstream_ca = raw.upstream_ca_file.map(|path| ca_file(&path).map(|certs| (path, certs))).transpose()?;
+        let upstream_ca = match raw.upstream_ca_file {
+            Some(path) => {
+                let certs =
+                    idemgate::tls::ca_certificates(&path).map_err(|e| ConfigError::new("upstream-ca-file", e))?;
+                Some((path, certs))
+            }
+            None => None,
+        };
         Ok(Config {
             listen,
             admin_listen,
@@ -770,6 +759,7 @@ mod tests {
     fn store_urls_are_recognised_and_passwords_never_shown() {
         assert_eq!(store_url("redis://127.0.0.1:6379").unwrap(), StoreUrl::Redis("redis://127.0.0.1:6379".into()));
         assert!(matches!(store_url("redis+cluster://a:1,b:2").unwrap(), StoreUrl::Redis(_)));
+        assert!(matches!(store_url("rediss+cluster://a:1,b:2/?cacert=/ca.pem").unwrap(), StoreUrl::Redis(_)));
         let pg = store_url("postgres://app:hunter2@db:5432/idem").unwrap();
         assert_eq!(pg.to_string(), "postgres://app:***@db:5432/idem");
         assert!(!format!("{pg:?}").contains("hunter2"));
@@ -779,56 +769,29 @@ mod tests {
         assert_eq!(redact("redis://h:1"), "redis://h:1");
     }
 
-    /// A self-signed CA (P-256, valid to 2126), made with `openssl req -x509`.
-    const TEST_CA: &str = "-----BEGIN CERTIFICATE-----\n\
-MIIBnDCCAUGgAwIBAgIUeXDVLGheHtCqu7AYq2KzyNMK+VkwCgYIKoZIzj0EAwIw\n\
-IjEgMB4GA1UEAwwXaWRlbWdhdGUgY29uZmlnIHRlc3QgQ0EwIBcNMjYxMjA0MjMz\n\
-NTU0WhgPMjEyNjExMTAyMzM1NTRaMCIxIDAeBgNVBAMMF2lkZW1nYXRlIGNvbmZp\n\
-ZyB0ZXN0IENBMFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAEEbrw4nd+ThkVMxRj\n\
-rX10PCmltAoKE4KbuGEo/2h7dAktr/xZKqTVEuUNgatea8RtIDWAX+El2oVCW17D\n\
-GoP6/KNTMFEwHQYDVR0OBBYEFK8eG6NrHXu930QoAFirLOLuGAZ7MB8GA1UdIwQY\n\
-MBaAFK8eG6NrHXu930QoAFirLOLuGAZ7MA8GA1UdEwEB/wQFMAMBAf8wCgYIKoZI\n\
-zj0EAwIDSQAwRgIhAJpXq6s3xHZfcJqNHnB7zeNsgEy7Thy1Qo3DyHR3ODhvAiEA\n\
-9coJmBizFfaOBGRLfoG4yMw5QajUFFB+cAYa7Kpag+U=\n\
------END CERTIFICATE-----\n";
-
     #[test]
-    fn upstream_ca_files_are_read_whole_or_refused_with_the_reason() {
+    fn an_upstream_ca_file_is_read_at_load_and_a_bad_one_names_the_setting() {
+        use idemgate_testkit::pki::{NOT_A_CERTIFICATE_PEM, TEST_CA_PEM};
+
         let dir = tempfile::tempdir().unwrap();
-        let file = |name: &str, text: &str| {
+        let load = |name: &str, text: &str| {
             let path = dir.path().join(name);
             std::fs::write(&path, text).unwrap();
-            path
-        };
-        let load = |path: &Path| {
             let mut raw = RawConfig::default();
-            raw.apply(&ConfigArgs { upstream_ca_file: Some(path.to_owned()), ..ConfigArgs::default() });
-            Config::try_from(raw)
+            raw.apply(&ConfigArgs { upstream_ca_file: Some(path.clone()), ..ConfigArgs::default() });
+            (path, Config::try_from(raw))
         };
-        let two = file("two.pem", &format!("comments are skipped\n{TEST_CA}{TEST_CA}"));
-        let (path, certs) = load(&two).unwrap().upstream_ca.expect("read");
-        assert_eq!((path, certs.len()), (two, 2));
+        let (path, loaded) = load("two.pem", &format!("{TEST_CA_PEM}{TEST_CA_PEM}"));
+        let (read, certs) = loaded.unwrap().upstream_ca.expect("read");
+        assert_eq!((read, certs.len()), (path, 2));
+        idemgate_proxy::UpstreamClient::trusting(Timeouts::default(), certs).expect("a client trusting them");
         assert!(Config::try_from(RawConfig::default()).unwrap().upstream_ca.is_none());
-        idemgate_proxy::UpstreamClient::trusting(
-            Timeouts::default(),
-            load(&file("one.pem", TEST_CA)).unwrap().upstream_ca.unwrap().1,
-        )
-        .expect("a client trusting it");
 
-        let refused = |path: &Path, why: &str| {
-            let err = load(path).unwrap_err();
-            assert_eq!(err.field(), "upstream-ca-file");
-            let text = err.to_string();
-            assert!(text.contains(&path.display().to_string()) && text.contains(why), "{text}");
-        };
-        refused(&dir.path().join("missing.pem"), "No such file");
-        refused(&file("empty.pem", "no certificates here\n"), "holds no PEM certificate");
-        refused(&file("key.pem", "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n"), "holds no PEM");
-        refused(
-            &file("bad.pem", "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n"),
-            "certificate 1 cannot",
-        );
-        refused(&file("cut.pem", &TEST_CA[..TEST_CA.len() - 30]), "");
+        let (path, loaded) = load("key.pem", NOT_A_CERTIFICATE_PEM);
+        let err = loaded.unwrap_err();
+        assert_eq!(err.field(), "upstream-ca-file");
+        let text = err.to_string();
+        assert!(text.contains(&path.display().to_string()) && text.contains("holds no PEM certificate"), "{text}");
     }
 
     #[test]

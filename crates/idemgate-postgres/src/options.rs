@@ -7,14 +7,12 @@
 //! first, because tokio-postgres refuses options it does not know. Error messages
 //! never repeat the URL: it may carry a password.
 
-use std::path::Path;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use idemgate::StoreError;
-use rustls::pki_types::CertificateDer;
-use rustls::pki_types::pem::PemObject;
+use idemgate::tls::CertificateDer;
 use tokio_postgres::config::SslMode;
 use tokio_postgres_rustls::MakeRustlsConnect;
 
@@ -76,6 +74,12 @@ impl Options {
                     let ms = ms.ok_or_else(|| invalid("timeout_ms in the postgres url must be a number above 0"))?;
                     timeout = Some(Duration::from_millis(ms));
                 }
+                // Twice, with different values, and which one wins is a guess: refused.
+                "sslmode" | "sslrootcert"
+                    if query.split('&').filter(|p| p.split('=').next() == Some(name)).count() > 1 =>
+                {
+                    return Err(invalid(format!("{name} appears more than once in the postgres url")));
+                }
                 // rustls always verifies the certificate and the host name, which is
                 // what libpq calls verify-full; tokio-postgres only knows `require`.
                 "sslmode" if matches!(value, "require" | "verify-ca" | "verify-full") => {
@@ -85,9 +89,10 @@ impl Options {
                 // libpq's `system` (16+) names the default roots.
                 "sslrootcert" if value == "system" => roots = None,
                 "sslrootcert" => {
-                    // A path may hold a space or an `&`, escaped as `%20`, `%26`.
-                    let path = percent_encoding::percent_decode_str(value).decode_utf8_lossy();
-                    roots = Some(root_certificates(&path)?);
+                    let certs = idemgate::tls::path_in_url(value)
+                        .and_then(|path| idemgate::tls::ca_certificates(&path))
+                        .map_err(|e| invalid(format!("sslrootcert in the postgres url: {e}")))?;
+                    roots = Some(certs);
                 }
                 _ => kept.push(pair.to_owned()),
             }
@@ -194,23 +199,6 @@ impl Options {
     }
 }
 
-/// The certificates of the PEM file at `path`, each checked to be usable as a trust
-/// anchor, so that a wrong file fails the start rather than every connection.
-fn root_certificates(path: &str) -> Result<Vec<CertificateDer<'static>>, StoreError> {
-    let bad = |problem: String| invalid(format!("sslrootcert {path}: {problem}"));
-    let certs = CertificateDer::pem_file_iter(Path::new(path))
-        .and_then(Iterator::collect::<Result<Vec<_>, _>>)
-        .map_err(|e| bad(e.to_string()))?;
-    if certs.is_empty() {
-        return Err(bad("holds no PEM certificate (-----BEGIN CERTIFICATE-----)".into()));
-    }
-    let mut roots = rustls::RootCertStore::empty();
-    for (i, cert) in certs.iter().enumerate() {
-        roots.add(cert.clone()).map_err(|e| bad(format!("certificate {} cannot be a trust anchor: {e}", i + 1)))?;
-    }
-    Ok(certs)
-}
-
 fn invalid(message: impl Into<String>) -> StoreError {
     let message = message.into();
     StoreError::invalid(message.clone(), message)
@@ -286,9 +274,12 @@ mod tests {
 
     #[test]
     fn sslrootcert_is_read_at_parse_time_and_needs_tls() {
+        use idemgate_testkit::pki::{NOT_A_CERTIFICATE_PEM, TEST_CA_PEM};
+
         let dir = tempfile::tempdir().unwrap();
-        let pki = idemgate_testkit::pki::make(dir.path());
-        let ca = pki.ca.display();
+        let ca = dir.path().join("ca bundle.pem");
+        std::fs::write(&ca, TEST_CA_PEM).unwrap();
+        let ca = ca.display().to_string().replace(' ', "%20");
         let o = Options::parse(&format!("postgres://u@h/db?sslmode=verify-full&sslrootcert={ca}")).unwrap();
         assert_eq!(o.roots.as_ref().map(Vec::len), Some(1));
         assert_eq!(o.pg.get_ssl_mode(), SslMode::Require);
@@ -302,10 +293,14 @@ mod tests {
         };
         refused(format!("postgres://u@h/db?sslrootcert={ca}"), "needs sslmode=require");
         refused(format!("postgres://u@h/db?sslmode=prefer&sslrootcert={ca}"), "needs sslmode=require");
+        refused(format!("postgres://u@h/db?sslmode=require&sslmode=disable&sslrootcert={ca}"), "more than once");
+        refused(format!("postgres://u@h/db?sslmode=require&sslrootcert={ca}&sslrootcert={ca}"), "more than once");
+        refused("postgres://u@h/db?sslmode=require&sslrootcert=".into(), "needs a path");
         let missing = dir.path().join("missing.pem");
         refused(format!("postgres://u@h/db?sslmode=require&sslrootcert={}", missing.display()), "missing.pem");
-        let key = pki.key.display();
-        refused(format!("postgres://u@h/db?sslmode=require&sslrootcert={key}"), "holds no PEM certificate");
+        let key = dir.path().join("key.pem");
+        std::fs::write(&key, NOT_A_CERTIFICATE_PEM).unwrap();
+        refused(format!("postgres://u@h/db?sslmode=require&sslrootcert={}", key.display()), "holds no PEM certificate");
     }
 
     #[test]

@@ -74,9 +74,9 @@ pub(crate) struct HostPool {
     host_header: HeaderValue,
     settings: Settings,
     idle: Mutex<VecDeque<Idle>>,
-    /// Whether a reaper task is alive. It lives on the runtime of the thread that
-    /// first returned a connection, which may end (a connection thread of
-    /// `serve_on_threads`) while the pool lives on: the next return starts another.
+    /// Whether a reaper task is alive. It lives on the runtime of a thread that
+    /// returned a connection while none was alive, which may end (a connection thread
+    /// of `serve_on_threads`) while the pool lives on: the next return starts another.
     reaper: AtomicBool,
 }
 

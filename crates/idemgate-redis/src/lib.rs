@@ -184,9 +184,10 @@ impl RedisStore {
     /// of CA certificates trusted instead of the webpki roots, as `redis-cli --cacert`
     /// does, for a server whose certificate comes from a private CA.
     ///
-    /// Fails with `Invalid` when the URL names no Redis or its `cacert` holds no usable
-    /// certificate (or is given without TLS), and with `Unavailable` when the server
-    /// does not answer within the timeout or its certificate is not trusted.
+    /// Fails with `Invalid` when the URL's scheme is not one of these or its `cacert`
+    /// holds no usable certificate (or is given twice, or without TLS), and with
+    /// `Unavailable` otherwise: a URL the redis crate cannot read, a server that does
+    /// not answer within the timeout, a certificate it does not trust.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
         Self::connect_with_timeout(url, DEFAULT_TIMEOUT).await
     }

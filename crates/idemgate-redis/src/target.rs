@@ -10,11 +10,7 @@
 //! the URL, which may carry a password.
 
 use std::fmt;
-use std::path::Path;
 use std::sync::Arc;
-
-use rustls::pki_types::CertificateDer;
-use rustls::pki_types::pem::PemObject;
 
 /// Where the store's data lives, and whom its TLS connections trust.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -56,7 +52,7 @@ impl Target {
         let Some((scheme, _)) = url.split_once("://") else {
             return Err(invalid(SCHEMES));
         };
-        let (url, cacert) = take_cacert(url);
+        let (url, cacert) = take_cacert(url)?;
         let root_cert = match cacert {
             None => None,
             Some(_) if !matches!(scheme, "rediss" | "rediss+cluster") => {
@@ -65,7 +61,7 @@ impl Target {
                      certificates would go unused",
                 ));
             }
-            Some(path) => Some(root_certificates(&path)?),
+            Some(value) => Some(root_certificates(&value)?),
         };
         let rest = &url[scheme.len() + 3..];
         let node_scheme = match scheme {
@@ -97,21 +93,16 @@ impl Target {
     }
 }
 
-/// `url` without its `cacert` query option, and that option's decoded value.
-fn take_cacert(url: &str) -> (String, Option<String>) {
+/// `url` without its `cacert` query option, and that option's value as written.
+fn take_cacert(url: &str) -> Result<(String, Option<String>), InvalidUrl> {
     let (before_fragment, fragment) = url.split_once('#').map_or((url, None), |(u, f)| (u, Some(f)));
-    let Some((base, query)) = before_fragment.split_once('?') else { return (url.to_owned(), None) };
-    let mut cacert = None;
-    let kept: Vec<&str> = query
-        .split('&')
-        .filter(|pair| match pair.strip_prefix("cacert=") {
-            Some(value) => {
-                cacert = Some(percent_encoding::percent_decode_str(value).decode_utf8_lossy().into_owned());
-                false
-            }
-            None => true,
-        })
-        .collect();
+    let Some((base, query)) = before_fragment.split_once('?') else { return Ok((url.to_owned(), None)) };
+    let (cacert, kept): (Vec<&str>, Vec<&str>) = query.split('&').partition(|pair| pair.starts_with("cacert="));
+    let cacert = match cacert.as_slice() {
+        [] => None,
+        [pair] => pair.strip_prefix("cacert=").map(str::to_owned),
+        _ => return Err(invalid("cacert appears more than once in the redis store url")),
+    };
     let mut out = base.to_owned();
     if !kept.is_empty() {
         out = format!("{out}?{}", kept.join("&"));
@@ -119,22 +110,16 @@ fn take_cacert(url: &str) -> (String, Option<String>) {
     if let Some(fragment) = fragment {
         out = format!("{out}#{fragment}");
     }
-    (out, cacert)
+    Ok((out, cacert))
 }
 
-/// The PEM text of the file at `path`, once every certificate in it is known to be
-/// usable as a trust anchor, so that a wrong file fails `connect` with its reason.
-fn root_certificates(path: &str) -> Result<Arc<[u8]>, InvalidUrl> {
-    let bad = |problem: String| invalid(format!("cacert {path}: {problem}"));
-    let pem = std::fs::read(Path::new(path)).map_err(|e| bad(e.to_string()))?;
-    let certs = CertificateDer::pem_slice_iter(&pem).collect::<Result<Vec<_>, _>>().map_err(|e| bad(e.to_string()))?;
-    if certs.is_empty() {
-        return Err(bad("holds no PEM certificate (-----BEGIN CERTIFICATE-----)".into()));
-    }
-    let mut roots = rustls::RootCertStore::empty();
-    for (i, cert) in certs.into_iter().enumerate() {
-        roots.add(cert).map_err(|e| bad(format!("certificate {} cannot be a trust anchor: {e}", i + 1)))?;
-    }
+/// The PEM text of the file `value` names, once every certificate in it is known to
+/// be usable as a trust anchor, so that a wrong file fails `connect` with its reason.
+fn root_certificates(value: &str) -> Result<Arc<[u8]>, InvalidUrl> {
+    let bad = |e: String| invalid(format!("cacert in the redis store url: {e}"));
+    let path = idemgate::tls::path_in_url(value).map_err(bad)?;
+    let pem = std::fs::read(&path).map_err(|e| bad(format!("{}: {e}", path.display())))?;
+    idemgate::tls::ca_certificates_in(&pem, &path).map_err(bad)?;
     Ok(pem.into())
 }
 
@@ -166,17 +151,18 @@ mod tests {
 
     #[test]
     fn cacert_is_taken_out_of_the_url_and_read() {
+        use idemgate_testkit::pki::{NOT_A_CERTIFICATE_PEM, TEST_CA_PEM};
+
         let dir = tempfile::tempdir().unwrap();
-        let pki = idemgate_testkit::pki::make(dir.path());
-        let spaced = dir.path().join("with space.pem");
-        std::fs::copy(&pki.ca, &spaced).unwrap();
-        let escaped = spaced.display().to_string().replace(' ', "%20");
-        let pem: Arc<[u8]> = std::fs::read(&pki.ca).unwrap().into();
+        let ca = dir.path().join("with space.pem");
+        std::fs::write(&ca, TEST_CA_PEM).unwrap();
+        let escaped = ca.display().to_string().replace(' ', "%20");
+        let pem: Arc<[u8]> = TEST_CA_PEM.as_bytes().into();
 
         let t = Target::parse(&format!("rediss://u:p@h:6380/0?cacert={escaped}&protocol=resp3#insecure")).unwrap();
         assert_eq!(t.nodes, Nodes::Single("rediss://u:p@h:6380/0?protocol=resp3#insecure".into()));
         assert_eq!(t.root_cert, Some(Arc::clone(&pem)));
-        let t = Target::parse(&format!("rediss+cluster://a:1,b:2/?cacert={}", pki.ca.display())).unwrap();
+        let t = Target::parse(&format!("rediss+cluster://a:1,b:2/?cacert={escaped}")).unwrap();
         assert_eq!(t.nodes, Nodes::Cluster(vec!["rediss://a:1/".into(), "rediss://b:2/".into()]));
         assert_eq!(t.root_cert, Some(pem));
 
@@ -184,9 +170,13 @@ mod tests {
             let err = Target::parse(&url).expect_err(&url).to_string();
             assert!(err.contains(why) && !err.contains("secret"), "{url}: {err}");
         };
-        refused(format!("redis://u:secret@h:6379?cacert={}", pki.ca.display()), "needs rediss://");
+        refused(format!("redis://u:secret@h:6379?cacert={escaped}"), "needs rediss://");
+        refused(format!("rediss://u:secret@h?cacert={escaped}&cacert={escaped}"), "more than once");
+        refused("rediss://u:secret@h?cacert=".into(), "needs a path");
         refused(format!("rediss://u:secret@h?cacert={}", dir.path().join("missing.pem").display()), "missing.pem");
-        refused(format!("rediss://u:secret@h?cacert={}", pki.key.display()), "holds no PEM certificate");
+        let key = dir.path().join("key.pem");
+        std::fs::write(&key, NOT_A_CERTIFICATE_PEM).unwrap();
+        refused(format!("rediss://u:secret@h?cacert={}", key.display()), "holds no PEM certificate");
     }
 
     #[test]

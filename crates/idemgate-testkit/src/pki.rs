@@ -4,6 +4,13 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+/// A self-signed CA certificate (P-256, valid to 2126), for tests that read CA files
+/// without a server to trust it on.
+pub const TEST_CA_PEM: &str = include_str!("../../idemgate/tests/fixtures/test-ca.pem");
+
+/// A PEM file that holds a private key and no certificate.
+pub const NOT_A_CERTIFICATE_PEM: &str = "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n";
+
 /// The PEM files in the directory given to [`make`].
 #[derive(Debug, Clone)]
 pub struct TestPki {

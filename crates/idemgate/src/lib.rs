@@ -70,6 +70,8 @@ mod recording;
 pub mod scope;
 pub mod sse;
 pub mod store;
+#[cfg(feature = "tls")]
+pub mod tls;
 pub mod usage;
 
 pub use body::ResponseBody;
