@@ -182,7 +182,10 @@ impl RedisStore {
     /// or `redis+cluster://host:port,host:port,…` (a Redis Cluster, by seed nodes), with
     /// [`DEFAULT_TIMEOUT`]. With TLS, `?cacert=PATH` (percent-encoded) names a PEM file
     /// of CA certificates trusted instead of the webpki roots, as `redis-cli --cacert`
-    /// does, for a server whose certificate comes from a private CA.
+    /// does, for a server whose certificate comes from a private CA. `?prefix=NAME`
+    /// sets the key prefix, as [`with_prefix`](Self::with_prefix) does (which, called
+    /// after, wins): gateways that must not share records (staging and production on
+    /// one Redis Cluster, which has no database numbers) each take their own.
     ///
     /// Fails with `Invalid` when the URL's scheme is not one of these or its `cacert`
     /// holds no usable certificate (or is given twice, or without TLS), and with
@@ -210,7 +213,8 @@ impl RedisStore {
             waiters,
             _subscriber: subscriber,
         };
-        Ok(Self { inner: Arc::new(inner), prefix: DEFAULT_PREFIX.into(), sweep: Arc::default() })
+        let prefix = target.prefix.as_deref().unwrap_or(DEFAULT_PREFIX).into();
+        Ok(Self { inner: Arc::new(inner), prefix, sweep: Arc::default() })
     }
 
     /// Namespaces every key under `prefix` (default [`DEFAULT_PREFIX`]), so that

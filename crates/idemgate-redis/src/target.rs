@@ -4,10 +4,11 @@
 //! `redis://` and `rediss://` (TLS) URLs go to the redis crate as they are; a
 //! `redis+cluster://[user:pass@]h1:p1,h2:p2[/db][?query]` URL (or `rediss+cluster://`)
 //! becomes one `redis://` URL per seed node, each with the same credentials and
-//! options. idemgate's own query option `cacert=PATH` (percent-encoded, as `%20` for a
-//! space) is taken out first: a PEM file of CA certificates that TLS connections trust
-//! instead of the Mozilla roots, as `redis-cli --cacert` does. Errors never repeat
-//! the URL, which may carry a password.
+//! options. idemgate's own query options are taken out first: `cacert=PATH`
+//! (percent-encoded, as `%20` for a space), a PEM file of CA certificates that TLS
+//! connections trust instead of the Mozilla roots, as `redis-cli --cacert` does; and
+//! `prefix=NAME`, the namespace of every key (see `RedisStore::with_prefix`). Errors
+//! never repeat the URL, which may carry a password.
 
 use std::fmt;
 use std::sync::Arc;
@@ -18,6 +19,8 @@ pub(crate) struct Target {
     pub(crate) nodes: Nodes,
     /// The PEM text of `cacert`: trusted instead of the Mozilla roots.
     pub(crate) root_cert: Option<Arc<[u8]>>,
+    /// The key namespace `prefix` names, if any.
+    pub(crate) prefix: Option<String>,
 }
 
 /// One server or a cluster's seed nodes.
@@ -52,7 +55,9 @@ impl Target {
         let Some((scheme, _)) = url.split_once("://") else {
             return Err(invalid(SCHEMES));
         };
-        let (url, cacert) = take_cacert(url)?;
+        let (url, cacert) = take_option(url, "cacert")?;
+        let (url, prefix) = take_option(&url, "prefix")?;
+        let prefix = prefix.map(|p| key_prefix(&p)).transpose()?;
         let root_cert = match cacert {
             None => None,
             Some(_) if !matches!(scheme, "rediss" | "rediss+cluster") => {
@@ -65,7 +70,9 @@ impl Target {
         };
         let rest = &url[scheme.len() + 3..];
         let node_scheme = match scheme {
-            "redis" | "rediss" | "redis+unix" | "unix" => return Ok(Self { nodes: Nodes::Single(url), root_cert }),
+            "redis" | "rediss" | "redis+unix" | "unix" => {
+                return Ok(Self { nodes: Nodes::Single(url), root_cert, prefix });
+            }
             "redis+cluster" => "redis",
             "rediss+cluster" => "rediss",
             _ => return Err(invalid(SCHEMES)),
@@ -85,7 +92,7 @@ impl Target {
         if hosts.split(',').any(str::is_empty) {
             return Err(invalid("a redis+cluster:// url names its nodes as host:port,host:port,..."));
         }
-        Ok(Self { nodes: Nodes::Cluster(nodes), root_cert })
+        Ok(Self { nodes: Nodes::Cluster(nodes), root_cert, prefix })
     }
 
     pub(crate) const fn is_cluster(&self) -> bool {
@@ -93,15 +100,15 @@ impl Target {
     }
 }
 
-/// `url` without its `cacert` query option, and that option's value as written.
-fn take_cacert(url: &str) -> Result<(String, Option<String>), InvalidUrl> {
+/// `url` without its query option `name`, and that option's value as written.
+fn take_option(url: &str, name: &str) -> Result<(String, Option<String>), InvalidUrl> {
     let (before_fragment, fragment) = url.split_once('#').map_or((url, None), |(u, f)| (u, Some(f)));
     let Some((base, query)) = before_fragment.split_once('?') else { return Ok((url.to_owned(), None)) };
-    let (cacert, kept): (Vec<&str>, Vec<&str>) = query.split('&').partition(|pair| pair.starts_with("cacert="));
-    let cacert = match cacert.as_slice() {
+    let (found, kept): (Vec<&str>, Vec<&str>) = query.split('&').partition(|pair| pair.split('=').next() == Some(name));
+    let value = match found.as_slice() {
         [] => None,
-        [pair] => pair.strip_prefix("cacert=").map(str::to_owned),
-        _ => return Err(invalid("cacert appears more than once in the redis store url")),
+        [pair] => Some(pair.split_once('=').map_or("", |(_, v)| v).to_owned()),
+        _ => return Err(invalid(format!("{name} appears more than once in the redis store url"))),
     };
     let mut out = base.to_owned();
     if !kept.is_empty() {
@@ -110,7 +117,19 @@ fn take_cacert(url: &str) -> Result<(String, Option<String>), InvalidUrl> {
     if let Some(fragment) = fragment {
         out = format!("{out}#{fragment}");
     }
-    Ok((out, cacert))
+    Ok((out, value))
+}
+
+/// The key prefix `value` names: percent-decoded, not empty, and without the braces
+/// that delimit each record's hash tag (`{prefix:<key>}`).
+fn key_prefix(value: &str) -> Result<String, InvalidUrl> {
+    let prefix = percent_encoding::percent_decode_str(value)
+        .decode_utf8()
+        .map_err(|_| invalid("prefix in the redis store url is not UTF-8 once its %-escapes are decoded"))?;
+    if prefix.is_empty() || prefix.contains(['{', '}']) {
+        return Err(invalid("prefix in the redis store url must be a non-empty name without { or }"));
+    }
+    Ok(prefix.into_owned())
 }
 
 /// The PEM text of the file `value` names, once every certificate in it is known to
@@ -130,7 +149,10 @@ mod tests {
     #[test]
     fn single_urls_pass_through() {
         for url in ["redis://127.0.0.1:6379", "redis://h:1/2", "rediss://u:p@h:6380/0#insecure"] {
-            assert_eq!(Target::parse(url), Ok(Target { nodes: Nodes::Single(url.into()), root_cert: None }));
+            assert_eq!(
+                Target::parse(url),
+                Ok(Target { nodes: Nodes::Single(url.into()), root_cert: None, prefix: None })
+            );
         }
     }
 
@@ -177,6 +199,22 @@ mod tests {
         let key = dir.path().join("key.pem");
         std::fs::write(&key, NOT_A_CERTIFICATE_PEM).unwrap();
         refused(format!("rediss://u:secret@h?cacert={}", key.display()), "holds no PEM certificate");
+    }
+
+    #[test]
+    fn prefix_is_taken_out_of_the_url_and_checked() {
+        let t = Target::parse("redis://u:p@h:6379/0?prefix=staging%2Dgw&protocol=resp3").unwrap();
+        assert_eq!(t.nodes, Nodes::Single("redis://u:p@h:6379/0?protocol=resp3".into()));
+        assert_eq!(t.prefix.as_deref(), Some("staging-gw"));
+        let t = Target::parse("redis+cluster://a:1,b:2/?prefix=prod").unwrap();
+        assert_eq!(t.nodes, Nodes::Cluster(vec!["redis://a:1/".into(), "redis://b:2/".into()]));
+        assert_eq!(t.prefix.as_deref(), Some("prod"));
+        for url in ["redis://u:secret@h?prefix=", "redis://u:secret@h?prefix=a%7Bb", "redis://u:secret@h?prefix"] {
+            let err = Target::parse(url).expect_err(url).to_string();
+            assert!(err.contains("non-empty name without") && !err.contains("secret"), "{url}: {err}");
+        }
+        let err = Target::parse("redis://u:secret@h?prefix=a&prefix=b").expect_err("twice").to_string();
+        assert!(err.contains("more than once"), "{err}");
     }
 
     #[test]

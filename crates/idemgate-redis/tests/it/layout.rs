@@ -143,9 +143,13 @@ async fn cluster_unreadable_records_answer_corrupt() {
 
 async fn prefixes_do_not_see_each_other(url: String) {
     let (a, _cleanup_a) = store(&url).await;
-    // A prefix that starts with the other's, the case a careless pattern would match.
-    let b = RedisStore::connect(&url).await.expect("redis answers").with_prefix(format!("{}:b", a.prefix()));
-    let _cleanup_b = crate::support::Cleanup::new(&url, b.prefix());
+    // A prefix that starts with the other's, the case a careless pattern would match;
+    // set by the URL's `prefix` option, as the CLI's `--store` can.
+    let b_prefix = format!("{}:b", a.prefix());
+    let _cleanup_b = crate::support::Cleanup::new(&url, &b_prefix);
+    let sep = if url.contains('?') { '&' } else { '?' };
+    let b = RedisStore::connect(&format!("{url}{sep}prefix={b_prefix}")).await.expect("redis answers");
+    assert_eq!(b.prefix(), b_prefix);
     let old = Timestamp::from_millis(now().as_millis() - 10_000);
     for store in [&a, &b] {
         let Claim::Acquired(lease) = store.claim(&key(1), &fp(1), LEASE).await.expect("claim") else {
