@@ -45,8 +45,13 @@ pub(crate) struct ConfigArgs {
         help = "Upstream base URL when no routes are configured [default: https://api.openai.com]"
     )]
     pub(crate) upstream: Option<String>,
-    /// Store URL: sqlite://PATH, memory://, redis[s]://…, redis[s]+cluster://… or postgres://… [default: sqlite://idemgate.db]
-    #[arg(long, env = "IDEMGATE_STORE", value_name = "URL")]
+    #[arg(
+        long,
+        env = "IDEMGATE_STORE",
+        value_name = "URL",
+        help = "Store URL: sqlite://PATH, memory://, redis[s]://…, redis[s]+cluster://… or postgres://… \
+                [default: sqlite://idemgate.db]"
+    )]
     pub(crate) store: Option<String>,
     /// How long completed records are kept, e.g. 24h [default: 24h]
     #[arg(long, env = "IDEMGATE_TTL", value_name = "DURATION")]

@@ -109,7 +109,8 @@
 //!   Mozilla roots (`webpki-roots`), or, as libpq does, against only the
 //!   certificates of the PEM file `sslrootcert=PATH` names (a managed database's CA
 //!   bundle, say; `%20` for a space in the path; read when the URL is parsed, so a
-//!   wrong file fails `connect` at once; `sslrootcert=system` is the default roots).
+//!   wrong file, or an empty value, fails `connect` at once; `sslrootcert=system` is
+//!   the default roots). `sslmode` and `sslrootcert` given twice are refused.
 //!   Without `sslmode`, or with
 //!   `disable` or `prefer`, the connection is plain text: `prefer`'s
 //!   unverified encryption is not offered.

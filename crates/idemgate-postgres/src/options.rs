@@ -60,36 +60,41 @@ impl Options {
         let mut tls = false;
         let mut roots = None;
         let mut kept = Vec::new();
+        // Names and values are read as tokio-postgres reads them, percent-decoded:
+        // `sslmode=requir%65` is `require` to it, and must be to this check too.
+        let decoded = |s: &str| percent_encoding::percent_decode_str(s).decode_utf8_lossy().into_owned();
+        let name_of = |pair: &str| decoded(pair.split('=').next().unwrap_or_default());
         for pair in query.split('&').filter(|p| !p.is_empty()) {
-            let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
-            match name {
-                "schema" => schema = Some(value.to_owned()),
-                "pool_size" => {
+            let (raw_name, raw_value) = pair.split_once('=').unwrap_or((pair, ""));
+            let (name, value) = (decoded(raw_name), decoded(raw_value));
+            match (name.as_str(), value.as_str()) {
+                ("schema", value) => schema = Some(value.to_owned()),
+                ("pool_size", value) => {
                     let n = value.parse::<usize>().ok().filter(|&n| n > 0);
                     pool_size =
                         Some(n.ok_or_else(|| invalid("pool_size in the postgres url must be a number above 0"))?);
                 }
-                "timeout_ms" => {
+                ("timeout_ms", value) => {
                     let ms = value.parse::<u64>().ok().filter(|&ms| ms > 0);
                     let ms = ms.ok_or_else(|| invalid("timeout_ms in the postgres url must be a number above 0"))?;
                     timeout = Some(Duration::from_millis(ms));
                 }
-                // Twice, with different values, and which one wins is a guess: refused.
-                "sslmode" | "sslrootcert"
-                    if query.split('&').filter(|p| p.split('=').next() == Some(name)).count() > 1 =>
-                {
+                // Given twice, one would win, and which is a guess: refused, even when
+                // both say the same.
+                ("sslmode" | "sslrootcert", _) if query.split('&').filter(|p| name_of(p) == name).count() > 1 => {
                     return Err(invalid(format!("{name} appears more than once in the postgres url")));
                 }
                 // rustls always verifies the certificate and the host name, which is
                 // what libpq calls verify-full; tokio-postgres only knows `require`.
-                "sslmode" if matches!(value, "require" | "verify-ca" | "verify-full") => {
+                ("sslmode", "require" | "verify-ca" | "verify-full") => {
                     tls = true;
                     kept.push("sslmode=require".to_owned());
                 }
                 // libpq's `system` (16+) names the default roots.
-                "sslrootcert" if value == "system" => roots = None,
-                "sslrootcert" => {
-                    let certs = idemgate::tls::path_in_url(value)
+                ("sslrootcert", "system") => roots = None,
+                ("sslrootcert", _) => {
+                    // Decoded by `path_in_url` itself, from the text as written.
+                    let certs = idemgate::tls::path_in_url(raw_value)
                         .and_then(|path| idemgate::tls::ca_certificates(&path))
                         .map_err(|e| invalid(format!("sslrootcert in the postgres url: {e}")))?;
                     roots = Some(certs);
@@ -294,6 +299,10 @@ mod tests {
         refused(format!("postgres://u@h/db?sslrootcert={ca}"), "needs sslmode=require");
         refused(format!("postgres://u@h/db?sslmode=prefer&sslrootcert={ca}"), "needs sslmode=require");
         refused(format!("postgres://u@h/db?sslmode=require&sslmode=disable&sslrootcert={ca}"), "more than once");
+        refused(format!("postgres://u@h/db?sslmode=require&ssl%6Dode=disable&sslrootcert={ca}"), "more than once");
+        // An escaped value is read as tokio-postgres reads it.
+        let o = Options::parse(&format!("postgres://u@h/db?sslmode=requir%65&sslrootcert={ca}")).unwrap();
+        assert_eq!(o.pg.get_ssl_mode(), SslMode::Require);
         refused(format!("postgres://u@h/db?sslmode=require&sslrootcert={ca}&sslrootcert={ca}"), "more than once");
         refused("postgres://u@h/db?sslmode=require&sslrootcert=".into(), "needs a path");
         let missing = dir.path().join("missing.pem");

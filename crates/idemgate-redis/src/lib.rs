@@ -187,10 +187,13 @@ impl RedisStore {
     /// after, wins): gateways that must not share records (staging and production on
     /// one Redis Cluster, which has no database numbers) each take their own.
     ///
-    /// Fails with `Invalid` when the URL's scheme is not one of these or its `cacert`
-    /// holds no usable certificate (or is given twice, or without TLS), and with
-    /// `Unavailable` otherwise: a URL the redis crate cannot read, a server that does
-    /// not answer within the timeout, a certificate it does not trust.
+    /// Fails with `Invalid` when the URL's scheme is not one of these, when it has a
+    /// query option neither idemgate nor the redis crate reads (a misspelt `prefix`
+    /// would otherwise share the default namespace), when `cacert` or `prefix` is given
+    /// twice, when `cacert` holds no usable certificate (or is given without TLS), or
+    /// when `prefix` is empty or holds `{` or `}`; and with `Unavailable` otherwise: a
+    /// URL the redis crate cannot read, a server that does not answer within the
+    /// timeout, a certificate it does not trust.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
         Self::connect_with_timeout(url, DEFAULT_TIMEOUT).await
     }
@@ -219,7 +222,9 @@ impl RedisStore {
 
     /// Namespaces every key under `prefix` (default [`DEFAULT_PREFIX`]), so that
     /// several gateways or tests can share one Redis without seeing each other's
-    /// records. A prefix without `{`, `}` keeps keys spread over cluster slots.
+    /// records. A prefix without `{`, `}` keeps keys spread over cluster slots. Not
+    /// checked here: the URL's `prefix` option, which users type, refuses an empty
+    /// prefix and braces.
     pub fn with_prefix(mut self, prefix: impl Into<String>) -> Self {
         self.prefix = prefix.into().into();
         self.sweep = Arc::default();

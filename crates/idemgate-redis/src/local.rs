@@ -8,9 +8,10 @@
 //! runtime in the background the first time it calls; until that connection is ready,
 //! and while one cannot be made, the thread's calls use the shared one. Threads of a
 //! multi-threaded runtime, and of the runtime that opened the store (a one-shot CLI
-//! command's), always use the shared one. A connection is kept per thread and runtime:
-//! a thread that runs another runtime later makes another. It is closed when the store
-//! is dropped (its task, on the thread's runtime, removes it then).
+//! command's), always use the shared one. A thread keeps one connection per store, for
+//! the runtime it made it on: a thread that runs another runtime later replaces it. It
+//! is closed when the store is dropped (its task, on the thread's runtime, removes it
+//! then, or the thread's next first call on any store if that runtime has ended).
 
 use std::cell::RefCell;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -250,6 +251,20 @@ mod tests {
             }
             assert_eq!((alive(), Local::entries(id)), (0, 0), "the store's drop ended the task and its entry");
         });
+
+        // A store dropped after its entry's runtime ended: no task is left to remove the
+        // entry, so the thread's next slow path (another store's first call) prunes it.
+        let gone = Local::new(Target::parse(&format!("redis://{closed}")).unwrap(), Duration::from_millis(200));
+        let other = Local::new(Target::parse(&format!("redis://{closed}")).unwrap(), Duration::from_millis(200));
+        let gone_id = gone.id();
+        let first = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        first.block_on(async { assert!(gone.get().is_none()) });
+        drop(first);
+        drop(gone);
+        assert_eq!(Local::entries(gone_id), 1, "nothing ran to remove it");
+        let second = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        second.block_on(async { assert!(other.get().is_none()) });
+        assert_eq!(Local::entries(gone_id), 0, "pruned by another store's first call");
     }
 
     async fn until_ready(store: &RedisStore) {

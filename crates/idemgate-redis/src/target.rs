@@ -57,6 +57,7 @@ impl Target {
         };
         let (url, cacert) = take_option(url, "cacert")?;
         let (url, prefix) = take_option(&url, "prefix")?;
+        refuse_unknown_options(&url)?;
         let prefix = prefix.map(|p| key_prefix(&p)).transpose()?;
         let root_cert = match cacert {
             None => None,
@@ -100,11 +101,34 @@ impl Target {
     }
 }
 
+/// The query options the redis crate reads (`protocol`; `db`, `user`, `pass` in a
+/// `redis+unix://` URL). Any other, a misspelt `prefix` say, would be ignored by it.
+const REDIS_OPTIONS: [&str; 4] = ["protocol", "db", "user", "pass"];
+
+/// The name of a query option, percent-decoded as the redis crate decodes it.
+fn option_name(pair: &str) -> std::borrow::Cow<'_, str> {
+    percent_encoding::percent_decode_str(pair.split('=').next().unwrap_or_default()).decode_utf8_lossy()
+}
+
+/// Refuses a query option that neither idemgate nor the redis crate reads, rather
+/// than let a misspelt one change nothing. Names only: a value may be a password.
+fn refuse_unknown_options(url: &str) -> Result<(), InvalidUrl> {
+    let before_fragment = url.split_once('#').map_or(url, |(u, _)| u);
+    let Some((_, query)) = before_fragment.split_once('?') else { return Ok(()) };
+    match query.split('&').filter(|p| !p.is_empty()).map(option_name).find(|n| !REDIS_OPTIONS.contains(&&**n)) {
+        Some(name) => Err(invalid(format!(
+            "unknown option {name:?} in the redis store url (known: cacert, prefix, {})",
+            REDIS_OPTIONS.join(", ")
+        ))),
+        None => Ok(()),
+    }
+}
+
 /// `url` without its query option `name`, and that option's value as written.
 fn take_option(url: &str, name: &str) -> Result<(String, Option<String>), InvalidUrl> {
     let (before_fragment, fragment) = url.split_once('#').map_or((url, None), |(u, f)| (u, Some(f)));
     let Some((base, query)) = before_fragment.split_once('?') else { return Ok((url.to_owned(), None)) };
-    let (found, kept): (Vec<&str>, Vec<&str>) = query.split('&').partition(|pair| pair.split('=').next() == Some(name));
+    let (found, kept): (Vec<&str>, Vec<&str>) = query.split('&').partition(|pair| option_name(pair) == name);
     let value = match found.as_slice() {
         [] => None,
         [pair] => Some(pair.split_once('=').map_or("", |(_, v)| v).to_owned()),
@@ -215,6 +239,13 @@ mod tests {
         }
         let err = Target::parse("redis://u:secret@h?prefix=a&prefix=b").expect_err("twice").to_string();
         assert!(err.contains("more than once"), "{err}");
+        // A misspelt option is refused, not ignored; an escaped name is the name.
+        for url in ["redis://u:secret@h?prefx=staging", "redis://u:secret@h?Prefix=staging"] {
+            let err = Target::parse(url).expect_err(url).to_string();
+            assert!(err.contains("unknown option") && !err.contains("secret"), "{url}: {err}");
+        }
+        assert_eq!(Target::parse("redis://h?pre%66ix=staging").unwrap().prefix.as_deref(), Some("staging"));
+        assert!(Target::parse("redis+unix:///run/redis.sock?db=2&pass=secret&protocol=resp3").is_ok());
     }
 
     #[test]
