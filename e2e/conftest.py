@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import uuid
 from pathlib import Path
 from typing import Iterator
 
@@ -18,6 +19,8 @@ from helpers import (
     PrivateRedis,
     Proc,
     binary,
+    delete_redis_keys,
+    drop_schema,
     http_client,
     in_ci,
     parse_listening,
@@ -155,10 +158,23 @@ def backend_url(name: str) -> str:
 
 
 @pytest.fixture(params=list(BACKENDS), ids=list(BACKENDS))
-def shared_store(request: pytest.FixtureRequest) -> tuple[str, str]:
+def shared_store(request: pytest.FixtureRequest) -> Iterator[tuple[str, str]]:
     """``(backend name, store URL)`` for each shared store: Redis, Redis Cluster,
-    PostgreSQL. The URL is passed to ``idemgate serve --store`` as it is."""
-    return request.param, backend_url(request.param)
+    PostgreSQL. The URL, passed to ``idemgate serve --store`` as it is, puts the test's
+    records in a namespace of its own (a Redis key ``prefix``, a PostgreSQL ``schema``),
+    which is deleted when the test ends: the servers are shared with developers' runs."""
+    name = request.param
+    url = backend_url(name)
+    namespace = f"e2e_{uuid.uuid4().hex[:16]}"
+    option = "schema" if name == "postgres" else "prefix"
+    sep = "&" if "?" in url else "?"
+    try:
+        yield name, f"{url}{sep}{option}={namespace}"
+    finally:
+        if name == "postgres":
+            drop_schema(url, namespace)
+        else:
+            delete_redis_keys(url, namespace)
 
 
 class PrivateRedisFactory:

@@ -652,6 +652,31 @@ def resp_command(host: str, port: int, *args: str, timeout: float = PROBE_TIMEOU
         return data.split(b"\r\n", 1)[0]
 
 
+def delete_redis_keys(url: str, prefix: str) -> None:
+    """Deletes every key under ``prefix`` (``{prefix:...}``) on each node of ``url``
+    (a cluster's keys are scanned and deleted on the node that holds them)."""
+    for host, port in url_hosts(url):
+        cli = ["redis-cli", "-h", host, "-p", str(port)]
+        found = subprocess.run([*cli, "--scan", "--pattern", f"{{{prefix}:*"], capture_output=True, text=True, timeout=30)
+        assert found.returncode == 0, f"redis-cli --scan on {host}:{port}: {found.stderr}"
+        # One key per command: a cluster refuses keys of different slots in one.
+        commands = "".join(f"UNLINK {key}\n" for key in found.stdout.split())
+        done = subprocess.run(cli, input=commands, capture_output=True, text=True, timeout=30)
+        assert done.returncode == 0 and "ERR" not in done.stdout, f"redis-cli UNLINK on {host}:{port}: {done.stdout}{done.stderr}"
+
+
+def drop_schema(url: str, schema: str) -> None:
+    """Drops ``schema`` and everything in it from the database of ``url``."""
+    assert re.fullmatch(r"[a-z0-9_]+", schema), schema
+    done = subprocess.run(
+        ["psql", url, "-v", "ON_ERROR_STOP=1", "-qc", f"DROP SCHEMA IF EXISTS {schema} CASCADE"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 0, f"psql could not drop schema {schema}: {done.stderr}"
+
+
 def probe_redis(host: str, port: int) -> str | None:
     """``None`` when a Redis server answers ``PING`` at ``host:port``, else why not."""
     try:
