@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -652,9 +653,23 @@ def resp_command(host: str, port: int, *args: str, timeout: float = PROBE_TIMEOU
         return data.split(b"\r\n", 1)[0]
 
 
+def cleanup_tool(tool: str, what: str) -> bool:
+    """Whether ``tool`` is installed to clean ``what`` up; without it, a warning (the
+    records expire with their TTL), or a failure under CI, which installs it."""
+    import shutil
+
+    if shutil.which(tool):
+        return True
+    assert not in_ci(), f"{tool} is not installed: CI needs it to clean up {what}"
+    print(f"WARNING: {tool} is not installed: {what} is left behind until it expires")
+    return False
+
+
 def delete_redis_keys(url: str, prefix: str) -> None:
     """Deletes every key under ``prefix`` (``{prefix:...}``) on each node of ``url``
     (a cluster's keys are scanned and deleted on the node that holds them)."""
+    if not cleanup_tool("redis-cli", f"the Redis keys under {prefix}"):
+        return
     for host, port in url_hosts(url):
         cli = ["redis-cli", "-h", host, "-p", str(port)]
         found = subprocess.run([*cli, "--scan", "--pattern", f"{{{prefix}:*"], capture_output=True, text=True, timeout=30)
@@ -668,6 +683,8 @@ def delete_redis_keys(url: str, prefix: str) -> None:
 def drop_schema(url: str, schema: str) -> None:
     """Drops ``schema`` and everything in it from the database of ``url``."""
     assert re.fullmatch(r"[a-z0-9_]+", schema), schema
+    if not cleanup_tool("psql", f"the PostgreSQL schema {schema}"):
+        return
     done = subprocess.run(
         ["psql", url, "-v", "ON_ERROR_STOP=1", "-qc", f"DROP SCHEMA IF EXISTS {schema} CASCADE"],
         capture_output=True,
