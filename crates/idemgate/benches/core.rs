@@ -21,6 +21,9 @@ fn key_parsing(c: &mut Criterion) {
     g.bench_function("tenant_and_storage_key", |b| {
         b.iter(|| Scope::storage_key(&scope.tenant(black_box(&headers)), "chat", black_box(&key)))
     });
+    // The SQLite and Redis stores spell the storage key in hex on every operation.
+    let storage_key = Scope::storage_key(&scope.tenant(&headers), "chat", &key);
+    g.bench_function("storage_key_to_hex", |b| b.iter(|| black_box(&storage_key).to_hex()));
     g.finish();
 }
 

@@ -71,7 +71,7 @@ impl Fingerprint {
 
     /// Lowercase hex.
     pub fn to_hex(&self) -> String {
-        hex::encode(self.0)
+        crate::scope::hex32(&self.0)
     }
 
     /// Parses the hex form (as stores that keep text write it).
