@@ -316,18 +316,26 @@ pub struct IdleTimeoutError(Duration);
 
 pin_project! {
     /// A response body that fails when the upstream falls silent for too long.
+    ///
+    /// The timer is armed only once a frame is not ready at once, and is not moved per
+    /// frame: when it fires it is re-armed from the last frame's time if frames came
+    /// since. Registering or moving a tokio timer wakes the runtime's driver (an
+    /// `eventfd` write, even from the runtime's own thread) whenever the timer is due
+    /// before the driver's next planned wake-up: resetting it per frame cost half a
+    /// syscall per proxied request.
     struct IdleTimeout<B> {
         #[pin]
         inner: B,
-        #[pin]
-        sleep: Sleep,
+        sleep: Option<Pin<Box<Sleep>>>,
         idle: Duration,
+        // When the last frame came, or the body was made: the silence counts from it.
+        last: tokio::time::Instant,
     }
 }
 
 impl<B> IdleTimeout<B> {
     fn new(inner: B, idle: Duration) -> Self {
-        Self { inner, sleep: tokio::time::sleep(idle), idle }
+        Self { inner, sleep: None, idle, last: tokio::time::Instant::now() }
     }
 }
 
@@ -341,16 +349,22 @@ where
 
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.project();
-        match this.inner.poll_frame(cx) {
-            Poll::Ready(frame) => {
-                let deadline = tokio::time::Instant::now() + *this.idle;
-                this.sleep.reset(deadline);
-                Poll::Ready(frame.map(|f| f.map_err(Into::into)))
+        if let Poll::Ready(frame) = this.inner.poll_frame(cx) {
+            *this.last = tokio::time::Instant::now();
+            return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
+        }
+        let deadline = *this.last + *this.idle;
+        let sleep = this.sleep.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        loop {
+            if sleep.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
             }
-            Poll::Pending => match this.sleep.poll(cx) {
-                Poll::Ready(()) => Poll::Ready(Some(Err(IdleTimeoutError(*this.idle).into()))),
-                Poll::Pending => Poll::Pending,
-            },
+            // Fired at a deadline armed before the frames that came since.
+            let deadline = *this.last + *this.idle;
+            if deadline <= tokio::time::Instant::now() {
+                return Poll::Ready(Some(Err(IdleTimeoutError(*this.idle).into())));
+            }
+            sleep.as_mut().reset(deadline);
         }
     }
 
@@ -365,7 +379,51 @@ where
 
 #[cfg(test)]
 mod tests {
+    use http_body_util::BodyExt;
+
     use super::*;
+
+    /// A body whose frames come after the given pauses.
+    fn paced(pauses: &[u64]) -> impl Body<Data = Bytes, Error = Infallible> {
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        let pauses = pauses.to_vec();
+        tokio::spawn(async move {
+            for (i, pause) in pauses.into_iter().enumerate() {
+                tokio::time::sleep(Duration::from_millis(pause)).await;
+                if tx.send(Ok(Frame::data(Bytes::from(format!("{i};"))))).await.is_err() {
+                    return;
+                }
+            }
+        });
+        http_body_util::StreamBody::new(futures_util::stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.map(|frame| (frame, rx))
+        }))
+    }
+
+    /// The silence is measured between frames, not from the start: a stream longer
+    /// than the idle timeout runs to its end as long as no gap reaches it, and a gap
+    /// that does fails the body, however many frames came before.
+    #[tokio::test(start_paused = true)]
+    async fn the_idle_timeout_counts_the_silence_between_frames() {
+        let idle = Duration::from_millis(100);
+        let steady = IdleTimeout::new(paced(&[0, 60, 60, 60, 60, 60, 60, 99]), idle);
+        let bytes = steady.collect().await.expect("no gap reached 100 ms").to_bytes();
+        assert_eq!(bytes, "0;1;2;3;4;5;6;7;");
+
+        let mut stalled = std::pin::pin!(IdleTimeout::new(paced(&[0, 60, 60, 150, 0]), idle));
+        let started = tokio::time::Instant::now();
+        let mut frames = 0;
+        let error = loop {
+            match stalled.frame().await {
+                Some(Ok(_)) => frames += 1,
+                Some(Err(e)) => break e,
+                None => panic!("the 150 ms gap ended the body"),
+            }
+        };
+        assert_eq!(frames, 3);
+        assert!(error.is::<IdleTimeoutError>(), "{error}");
+        assert_eq!(started.elapsed(), Duration::from_millis(220), "failed 100 ms after the last frame");
+    }
 
     #[test]
     fn target_joins_base_path_strips_prefix_and_keeps_query() {
