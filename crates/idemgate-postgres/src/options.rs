@@ -63,10 +63,18 @@ impl Options {
         // Names and values are read as tokio-postgres reads them, percent-decoded:
         // `sslmode=requir%65` is `require` to it, and must be to this check too.
         let decoded = |s: &str| percent_encoding::percent_decode_str(s).decode_utf8_lossy().into_owned();
-        let name_of = |pair: &str| decoded(pair.split('=').next().unwrap_or_default());
+        let mut seen_tls_options = Vec::new();
         for pair in query.split('&').filter(|p| !p.is_empty()) {
             let (raw_name, raw_value) = pair.split_once('=').unwrap_or((pair, ""));
             let (name, value) = (decoded(raw_name), decoded(raw_value));
+            // Given twice, one would win, and which is a guess: refused, even when both
+            // say the same.
+            if matches!(name.as_str(), "sslmode" | "sslrootcert") {
+                if seen_tls_options.contains(&name) {
+                    return Err(invalid(format!("{name} appears more than once in the postgres url")));
+                }
+                seen_tls_options.push(name.clone());
+            }
             match (name.as_str(), value.as_str()) {
                 ("schema", value) => schema = Some(value.to_owned()),
                 ("pool_size", value) => {
@@ -78,11 +86,6 @@ impl Options {
                     let ms = value.parse::<u64>().ok().filter(|&ms| ms > 0);
                     let ms = ms.ok_or_else(|| invalid("timeout_ms in the postgres url must be a number above 0"))?;
                     timeout = Some(Duration::from_millis(ms));
-                }
-                // Given twice, one would win, and which is a guess: refused, even when
-                // both say the same.
-                ("sslmode" | "sslrootcert", _) if query.split('&').filter(|p| name_of(p) == name).count() > 1 => {
-                    return Err(invalid(format!("{name} appears more than once in the postgres url")));
                 }
                 // rustls always verifies the certificate and the host name, which is
                 // what libpq calls verify-full; tokio-postgres only knows `require`.

@@ -44,16 +44,14 @@ struct Entry {
     /// Closed once the store is dropped.
     dropped: watch::Receiver<()>,
     /// The task that made the connection and removes the entry with the store.
-    task: Option<AbortHandle>,
+    task: AbortHandle,
 }
 
 impl Drop for Entry {
     /// An entry replaced (a retry, another runtime) or removed ends its task, which
     /// would otherwise wait for the store's drop.
     fn drop(&mut self) {
-        if let Some(task) = &self.task {
-            task.abort();
-        }
+        self.task.abort();
     }
 }
 
@@ -113,12 +111,12 @@ impl Local {
             // whose task could not remove them (its runtime ended first).
             conns.retain(|e| e.store != self.store && e.dropped.has_changed().is_ok());
             let mut dropped = self.dropped.subscribe();
-            let slot = Slot::Connecting;
-            conns.push(Entry { store: self.store, runtime, slot, dropped: dropped.clone(), task: None });
+            let entry_dropped = dropped.clone();
             let (store, target, timeout) = (self.store, self.target.clone(), self.timeout);
-            // Spawned on this single-threaded runtime, so it runs on this thread. It
-            // outlives the connection attempt to remove the entry once the store is
-            // dropped: another thread cannot reach this thread's entries.
+            // Spawned on this single-threaded runtime, so it runs on this thread, and not
+            // before this call returns (the entry is in place by then). It outlives the
+            // connection attempt to remove the entry once the store is dropped: another
+            // thread cannot reach this thread's entries.
             let task = handle.spawn(async move {
                 let connect = bounded("connect", timeout, Conn::connect(&target, timeout));
                 let slot = tokio::select! {
@@ -136,9 +134,8 @@ impl Local {
                 let _ = dropped.changed().await;
                 CONNS.with(|conns| conns.borrow_mut().retain(|e| !(e.store == store && e.runtime == runtime)));
             });
-            if let Some(entry) = conns.last_mut() {
-                entry.task = Some(task.abort_handle());
-            }
+            let (slot, task) = (Slot::Connecting, task.abort_handle());
+            conns.push(Entry { store: self.store, runtime, slot, dropped: entry_dropped, task });
             None
         })
     }

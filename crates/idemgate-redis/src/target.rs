@@ -55,9 +55,7 @@ impl Target {
         let Some((scheme, _)) = url.split_once("://") else {
             return Err(invalid(SCHEMES));
         };
-        let (url, cacert) = take_option(url, "cacert")?;
-        let (url, prefix) = take_option(&url, "prefix")?;
-        refuse_unknown_options(&url)?;
+        let Options { url, cacert, prefix } = Options::take(url)?;
         let prefix = prefix.map(|p| key_prefix(&p)).transpose()?;
         let root_cert = match cacert {
             None => None,
@@ -105,43 +103,54 @@ impl Target {
 /// `redis+unix://` URL). Any other, a misspelt `prefix` say, would be ignored by it.
 const REDIS_OPTIONS: [&str; 4] = ["protocol", "db", "user", "pass"];
 
-/// The name of a query option, percent-decoded as the redis crate decodes it.
-fn option_name(pair: &str) -> std::borrow::Cow<'_, str> {
-    percent_encoding::percent_decode_str(pair.split('=').next().unwrap_or_default()).decode_utf8_lossy()
+/// A URL without idemgate's own query options, and their values as written.
+struct Options {
+    url: String,
+    cacert: Option<String>,
+    prefix: Option<String>,
 }
 
-/// Refuses a query option that neither idemgate nor the redis crate reads, rather
-/// than let a misspelt one change nothing. Names only: a value may be a password.
-fn refuse_unknown_options(url: &str) -> Result<(), InvalidUrl> {
-    let before_fragment = url.split_once('#').map_or(url, |(u, _)| u);
-    let Some((_, query)) = before_fragment.split_once('?') else { return Ok(()) };
-    match query.split('&').filter(|p| !p.is_empty()).map(option_name).find(|n| !REDIS_OPTIONS.contains(&&**n)) {
-        Some(name) => Err(invalid(format!(
-            "unknown option {name:?} in the redis store url (known: cacert, prefix, {})",
-            REDIS_OPTIONS.join(", ")
-        ))),
-        None => Ok(()),
+impl Options {
+    /// Takes `cacert` and `prefix` out of `url`, in one pass over its query, and refuses
+    /// an option given twice or one that neither idemgate nor the redis crate reads
+    /// (by name only: a value may be a password). Names are percent-decoded, as the
+    /// redis crate decodes them.
+    fn take(url: &str) -> Result<Self, InvalidUrl> {
+        let (before_fragment, fragment) = url.split_once('#').map_or((url, None), |(u, f)| (u, Some(f)));
+        let Some((base, query)) = before_fragment.split_once('?') else {
+            return Ok(Self { url: url.to_owned(), cacert: None, prefix: None });
+        };
+        let (mut cacert, mut prefix, mut kept) = (None, None, Vec::new());
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+            let name = percent_encoding::percent_decode_str(name).decode_utf8_lossy();
+            let slot = match &*name {
+                "cacert" => &mut cacert,
+                "prefix" => &mut prefix,
+                known if REDIS_OPTIONS.contains(&known) => {
+                    kept.push(pair);
+                    continue;
+                }
+                unknown => {
+                    return Err(invalid(format!(
+                        "unknown option {unknown:?} in the redis store url (known: cacert, prefix, {})",
+                        REDIS_OPTIONS.join(", ")
+                    )));
+                }
+            };
+            if slot.replace(value.to_owned()).is_some() {
+                return Err(invalid(format!("{name} appears more than once in the redis store url")));
+            }
+        }
+        let mut out = base.to_owned();
+        if !kept.is_empty() {
+            out = format!("{out}?{}", kept.join("&"));
+        }
+        if let Some(fragment) = fragment {
+            out = format!("{out}#{fragment}");
+        }
+        Ok(Self { url: out, cacert, prefix })
     }
-}
-
-/// `url` without its query option `name`, and that option's value as written.
-fn take_option(url: &str, name: &str) -> Result<(String, Option<String>), InvalidUrl> {
-    let (before_fragment, fragment) = url.split_once('#').map_or((url, None), |(u, f)| (u, Some(f)));
-    let Some((base, query)) = before_fragment.split_once('?') else { return Ok((url.to_owned(), None)) };
-    let (found, kept): (Vec<&str>, Vec<&str>) = query.split('&').partition(|pair| option_name(pair) == name);
-    let value = match found.as_slice() {
-        [] => None,
-        [pair] => Some(pair.split_once('=').map_or("", |(_, v)| v).to_owned()),
-        _ => return Err(invalid(format!("{name} appears more than once in the redis store url"))),
-    };
-    let mut out = base.to_owned();
-    if !kept.is_empty() {
-        out = format!("{out}?{}", kept.join("&"));
-    }
-    if let Some(fragment) = fragment {
-        out = format!("{out}#{fragment}");
-    }
-    Ok((out, value))
 }
 
 /// The key prefix `value` names: percent-decoded, not empty, and without the braces
