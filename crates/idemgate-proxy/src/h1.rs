@@ -619,8 +619,11 @@ impl Conn {
         let copy = Bytes::copy_from_slice(&self.buf[..len]);
         let mut headers = HeaderMap::with_capacity(res.headers.len());
         for field in res.headers.iter() {
-            let name =
-                HeaderName::from_bytes(field.name.as_bytes()).map_err(|_| SendError::Invalid("a bad header name"))?;
+            let name = match known_name(field.name.as_bytes()) {
+                Some(known) => known.clone(),
+                None => HeaderName::from_bytes(field.name.as_bytes())
+                    .map_err(|_| SendError::Invalid("a bad header name"))?,
+            };
             let at = field.value.as_ptr() as usize - start;
             let value = HeaderValue::from_maybe_shared(copy.slice(at..at + field.value.len()))
                 .map_err(|_| SendError::Invalid("a bad header value"))?;
@@ -629,6 +632,40 @@ impl Conn {
         self.buf.advance(len);
         Ok(Some(Head { status, version, headers }))
     }
+}
+
+/// Response header names that LLM providers send on every call and `http` does not
+/// know: shared from here, where parsing would allocate each one per response.
+static KNOWN_NAMES: [HeaderName; 24] = [
+    HeaderName::from_static("x-request-id"),
+    HeaderName::from_static("request-id"),
+    HeaderName::from_static("openai-processing-ms"),
+    HeaderName::from_static("openai-version"),
+    HeaderName::from_static("openai-organization"),
+    HeaderName::from_static("openai-project"),
+    HeaderName::from_static("openai-model"),
+    HeaderName::from_static("x-ratelimit-limit-requests"),
+    HeaderName::from_static("x-ratelimit-limit-tokens"),
+    HeaderName::from_static("x-ratelimit-remaining-requests"),
+    HeaderName::from_static("x-ratelimit-remaining-tokens"),
+    HeaderName::from_static("x-ratelimit-reset-requests"),
+    HeaderName::from_static("x-ratelimit-reset-tokens"),
+    HeaderName::from_static("x-envoy-upstream-service-time"),
+    HeaderName::from_static("x-should-retry"),
+    HeaderName::from_static("anthropic-organization-id"),
+    HeaderName::from_static("anthropic-ratelimit-requests-limit"),
+    HeaderName::from_static("anthropic-ratelimit-requests-remaining"),
+    HeaderName::from_static("anthropic-ratelimit-tokens-limit"),
+    HeaderName::from_static("anthropic-ratelimit-tokens-remaining"),
+    HeaderName::from_static("x-amzn-requestid"),
+    HeaderName::from_static("cf-ray"),
+    HeaderName::from_static("cf-cache-status"),
+    HeaderName::from_static("retry-after-ms"),
+];
+
+/// One of [`KNOWN_NAMES`], matched as HTTP matches names: ignoring case.
+fn known_name(name: &[u8]) -> Option<&'static HeaderName> {
+    KNOWN_NAMES.iter().find(|known| known.as_str().as_bytes().eq_ignore_ascii_case(name))
 }
 
 /// A response body read off its connection as it is polled.
@@ -1010,6 +1047,21 @@ mod tests {
         );
         assert_eq!(up.requests(), [expected.clone(), expected]);
         assert_eq!(up.connections(), 1, "the second request reused the first connection");
+    }
+
+    #[tokio::test]
+    async fn header_names_known_or_not_and_in_any_case_arrive_lowercase_with_their_values() {
+        const NAMED: &[u8] = b"HTTP/1.1 200 OK\r\nX-Request-ID: req_1\r\nx-ratelimit-remaining-tokens: 9\r\nX-Custom: a\r\nx-custom: b\r\ncontent-length: 0\r\n\r\n";
+        let up = Scripted::start(vec![(NAMED, After::KeepOpen)], false).await;
+        let res = up.pool().send(&Method::GET, "/", &HeaderMap::new(), RequestBody::new(Empty::<Bytes>::new())).await;
+        let res = res.expect("response");
+        let names: Vec<&str> = res.headers().iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["x-request-id", "x-ratelimit-remaining-tokens", "x-custom", "x-custom", "content-length"]);
+        assert_eq!(res.headers()["x-request-id"], "req_1");
+        let custom: Vec<_> = res.headers().get_all("x-custom").iter().collect();
+        assert_eq!(custom, ["a", "b"]);
+        assert_eq!(known_name(b"X-REQUEST-ID"), Some(&KNOWN_NAMES[0]));
+        assert_eq!(known_name(b"x-request-idx"), None);
     }
 
     #[tokio::test]
