@@ -106,7 +106,7 @@ pub fn canonical_json(body: &[u8]) -> Option<Vec<u8>> {
         // Scalars are JSON too, but no LLM API takes one; hashing them raw is cheaper.
         return None;
     }
-    let node: Node<'_> = serde_json::from_slice(body).ok()?;
+    let mut node: Node<'_> = serde_json::from_slice(body).ok()?;
     let mut out = Vec::with_capacity(body.len());
     node.write(&mut out);
     Some(out)
@@ -124,7 +124,7 @@ enum Node<'a> {
 }
 
 impl Node<'_> {
-    fn write(&self, out: &mut Vec<u8>) {
+    fn write(&mut self, out: &mut Vec<u8>) {
         // Writing into a `Vec` cannot fail.
         match self {
             Self::Null => out.extend_from_slice(b"null"),
@@ -133,7 +133,7 @@ impl Node<'_> {
             Self::String(s) => drop(serde_json::to_writer(&mut *out, s.as_ref())),
             Self::Array(items) => {
                 out.push(b'[');
-                for (i, item) in items.iter().enumerate() {
+                for (i, item) in items.iter_mut().enumerate() {
                     if i > 0 {
                         out.push(b',');
                     }
@@ -142,13 +142,14 @@ impl Node<'_> {
                 out.push(b']');
             }
             Self::Object(members) => {
-                // Sorted stably, so of equal keys the last one written stays last.
-                let mut sorted: Vec<&(Cow<'_, str>, Node<'_>)> = members.iter().collect();
-                sorted.sort_by(|a, b| a.0.cmp(&b.0));
+                // Sorted in place (no allocation for the few keys of a request's
+                // objects) and stably, so of equal keys the last one written stays last.
+                members.sort_by(|a, b| a.0.cmp(&b.0));
                 out.push(b'{');
                 let mut first = true;
-                for (i, (key, value)) in sorted.iter().map(|m| (&m.0, &m.1)).enumerate() {
-                    if sorted.get(i + 1).is_some_and(|next| next.0 == *key) {
+                let mut members = members.iter_mut().peekable();
+                while let Some((key, value)) = members.next() {
+                    if members.peek().is_some_and(|next| next.0 == *key) {
                         continue;
                     }
                     if !first {

@@ -10,6 +10,8 @@
 //! reads non-streamed bodies ([`from_json_body`]) and holds the per-API field mapping both
 //! share.
 
+use std::borrow::Cow;
+
 use serde::Deserialize;
 use serde::de::value::MapAccessDeserializer;
 use serde::de::{IgnoredAny, MapAccess, SeqAccess, Visitor};
@@ -82,7 +84,7 @@ pub fn from_json_body(body: &[u8]) -> Option<(Usage, Option<String>)> {
         Ok(top) => {
             let Field::Object(counters) = top.usage else { return None };
             let usage = counters.classify(string(top.object).as_deref(), string(top.kind).as_deref());
-            Some((usage, string(top.model)))
+            Some((usage, string(top.model).map(Cow::into_owned)))
         }
         // A duplicate field, which the structs refuse and `Value` takes the last of.
         Err(_) => from_whole_tree(body),
@@ -112,9 +114,14 @@ struct Top<'a> {
     kind: Option<&'a RawValue>,
 }
 
-/// The string a raw JSON value holds; `None` for any other value.
-fn string(raw: Option<&RawValue>) -> Option<String> {
-    raw.filter(|r| r.get().starts_with('"')).and_then(|r| serde_json::from_str(r.get()).ok())
+/// The string a raw JSON value holds, borrowed unless it has escapes; `None` for any
+/// other value.
+fn string(raw: Option<&RawValue>) -> Option<Cow<'_, str>> {
+    let raw = raw.filter(|r| r.get().starts_with('"'))?.get();
+    match serde_json::from_str::<&str>(raw) {
+        Ok(s) => Some(Cow::Borrowed(s)),
+        Err(_) => serde_json::from_str::<String>(raw).ok().map(Cow::Owned),
+    }
 }
 
 /// A field of a usage object as the readings below need it: whether it is there at all
