@@ -178,7 +178,7 @@ async fn inspect(args: KeyArgs) -> anyhow::Result<()> {
                 response.status
             );
             for (name, value) in &response.headers {
-                text += &format!("header:      {name}: {}\n", String::from_utf8_lossy(value));
+                text += &format!("header:      {name}: {}\n", String::from_utf8_lossy(value.as_bytes()));
             }
             text += &format!("body:        {} bytes in {} chunks\n", response.body_len(), response.chunks.len());
             body = Some(response.body());

@@ -137,6 +137,8 @@ pub(crate) fn live_read(v: Value) -> Result<Option<LiveRead>, StoreError> {
 
 #[cfg(test)]
 mod tests {
+    use idemgate::http::{HeaderName, HeaderValue};
+
     use super::*;
 
     fn bulk(b: &[u8]) -> Value {
@@ -189,7 +191,10 @@ mod tests {
     #[test]
     fn reads_live_logs() {
         let token = Token::generate();
-        let head = LiveHead { status: 200, headers: vec![("content-type".into(), Bytes::from_static(b"text/plain"))] };
+        let head = LiveHead {
+            status: 200,
+            headers: vec![(HeaderName::from_static("content-type"), HeaderValue::from_static("text/plain"))],
+        };
         let answer = Value::Array(vec![
             bulk(token.to_text().as_bytes()),
             bulk(&encode_head(&head)),

@@ -6,6 +6,7 @@
 //!
 //! use bytes::Bytes;
 //! use idemgate::{Claim, Fingerprint, StorageKey, Store, StoredResponse, Timestamp};
+//! use idemgate::http::{HeaderName, HeaderValue};
 //! use idemgate_sqlite::SqliteStore;
 //!
 //! # fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
@@ -24,7 +25,7 @@
 //! };
 //! let response = StoredResponse::new(
 //!     200,
-//!     vec![("content-type".into(), Bytes::from_static(b"application/json"))],
+//!     vec![(HeaderName::from_static("content-type"), HeaderValue::from_static("application/json"))],
 //!     vec![Bytes::from_static(b"{\"answer\":42}")],
 //!     Timestamp::from_system_time(std::time::SystemTime::now()),
 //! );

@@ -133,7 +133,7 @@ impl Replays {
         let bytes = ENTRY_OVERHEAD
             + response.body_len()
             + CHUNK_OVERHEAD * response.chunks.len()
-            + response.headers.iter().map(|(n, v)| HEADER_OVERHEAD + n.len() + v.len()).sum::<usize>();
+            + response.headers.iter().map(|(n, v)| HEADER_OVERHEAD + n.as_str().len() + v.len()).sum::<usize>();
         if bytes > MAX_ENTRY_BYTES {
             return;
         }

@@ -1,6 +1,7 @@
 //! Deterministic keys, fingerprints and responses that tests share.
 
 use bytes::Bytes;
+use idemgate::http::{HeaderName, HeaderValue};
 use idemgate::usage::Usage;
 use idemgate::{Fingerprint, StorageKey, StoredResponse, Timestamp};
 
@@ -30,10 +31,13 @@ pub fn sample_response(completed_at: Timestamp) -> StoredResponse {
     StoredResponse {
         status: 201,
         headers: vec![
-            ("content-type".into(), Bytes::from_static(b"application/json")),
-            ("x-request-id".into(), Bytes::from_static(b"req_01")),
-            ("x-request-id".into(), Bytes::from_static(b"req_02")),
-            ("x-opaque".into(), Bytes::from_static(b"caf\xe9 \xff")),
+            (HeaderName::from_static("content-type"), HeaderValue::from_static("application/json")),
+            (HeaderName::from_static("x-request-id"), HeaderValue::from_static("req_01")),
+            (HeaderName::from_static("x-request-id"), HeaderValue::from_static("req_02")),
+            (
+                HeaderName::from_static("x-opaque"),
+                HeaderValue::from_bytes(b"caf\xe9 \xff").expect("obs-text is a valid header value"),
+            ),
         ],
         chunks: vec![
             Bytes::from_static(b"{\"id\":\"chatcmpl-1\","),
@@ -61,7 +65,7 @@ pub fn large_response(completed_at: Timestamp, total: usize, chunk: usize) -> St
     let chunks = pattern.chunks(chunk.max(1)).map(Bytes::copy_from_slice).collect();
     StoredResponse::new(
         200,
-        vec![("content-type".into(), Bytes::from_static(b"text/event-stream"))],
+        vec![(HeaderName::from_static("content-type"), HeaderValue::from_static("text/event-stream"))],
         chunks,
         completed_at,
     )

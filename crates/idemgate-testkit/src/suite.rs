@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use idemgate::http::{HeaderName, HeaderValue};
 use idemgate::store::{LiveEnd, LiveHead, LiveRead, STALE_IN_FLIGHT_GRACE};
 use idemgate::{
     Claim, ErrorKind, Fingerprint, Lease, Record, RecordState, StorageKey, StoreError, StoredResponse, Timestamp, Token,
@@ -581,8 +582,11 @@ fn live_head(status: u16) -> LiveHead {
     LiveHead {
         status,
         headers: vec![
-            ("content-type".into(), Bytes::from_static(b"text/event-stream")),
-            ("x-opaque".into(), Bytes::from_static(b"caf\xe9 \xff")),
+            (HeaderName::from_static("content-type"), HeaderValue::from_static("text/event-stream")),
+            (
+                HeaderName::from_static("x-opaque"),
+                HeaderValue::from_bytes(b"caf\xe9 \xff").expect("obs-text is a valid header value"),
+            ),
         ],
     }
 }

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use bytes::Bytes;
 use futures_util::Stream;
-use http::StatusCode;
+use http::{HeaderName, HeaderValue, StatusCode};
 use http_body::Frame;
 use tokio::sync::watch;
 
@@ -54,8 +54,9 @@ impl Flights {
 #[derive(Debug, Clone)]
 pub(crate) struct Head {
     pub(crate) status: StatusCode,
-    /// The replayable headers (the same allow-list as a stored record).
-    pub(crate) headers: Vec<(String, Bytes)>,
+    /// The replayable headers (the same allow-list as a stored record); only kept
+    /// when the flight is joinable, as nobody reads them otherwise.
+    pub(crate) headers: Vec<(HeaderName, HeaderValue)>,
     /// Whether followers may join the live body: a storable status and a stream.
     pub(crate) joinable: bool,
 }

@@ -35,7 +35,7 @@ use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode};
 use http_body::{Body, Frame};
 use http_body_util::combinators::UnsyncBoxBody;
@@ -402,7 +402,7 @@ where
                     && let Some(live) = flight.join()
                 {
                     seen.outcome = Outcome::Joined;
-                    return Ok(joined(head, live, policy));
+                    return Ok(joined(head, live));
                 }
                 // Another process runs it and publishes its stream through the store.
                 if let Ok(Some(read)) = store.live_read(&skey, 0).await
@@ -414,7 +414,7 @@ where
                         headers: read.head.headers.clone(),
                         joinable: true,
                     };
-                    return Ok(joined(head, live::follow(store.clone(), skey, read, meters.clone()), policy));
+                    return Ok(joined(head, live::follow(store.clone(), skey, read, meters.clone())));
                 }
                 if waiting {
                     let nap = policy.poll_interval.min(wait_until - now);
@@ -519,7 +519,7 @@ fn replay(stored: StoredResponse, policy: &Policy) -> Response<ResponseBody> {
         }
         _ => ResponseBody::from_chunks(stored.chunks),
     };
-    replayed(status, stored.headers, body, &policy.replay_headers)
+    replayed(status, stored.headers, body)
 }
 
 /// A duplicate's share of a live stream: the recorded head, then the body so far and
@@ -527,31 +527,16 @@ fn replay(stored: StoredResponse, policy: &Policy) -> Response<ResponseBody> {
 fn joined(
     head: FlightHead,
     live: impl futures_util::Stream<Item = Result<Frame<Bytes>, BoxError>> + Send + 'static,
-    policy: &Policy,
 ) -> Response<ResponseBody> {
     let body = ResponseBody::new(http_body_util::StreamBody::new(live));
-    replayed(head.status, head.headers, body, &policy.replay_headers)
+    replayed(head.status, head.headers, body)
 }
 
-/// The response of a duplicate. Stored names are those of the route's allow-list
-/// (`allow`) unless the list changed since they were recorded: found there, a name is
-/// shared rather than parsed and allocated again.
-fn replayed(
-    status: StatusCode,
-    stored: Vec<(String, Bytes)>,
-    body: ResponseBody,
-    allow: &[HeaderName],
-) -> Response<ResponseBody> {
+/// The response of a duplicate.
+fn replayed(status: StatusCode, stored: Vec<(HeaderName, HeaderValue)>, body: ResponseBody) -> Response<ResponseBody> {
     let mut headers = HeaderMap::with_capacity(stored.len() + 1);
     for (name, value) in stored {
-        let name = match allow.iter().find(|n| n.as_str() == name) {
-            Some(n) => Ok(n.clone()),
-            None => HeaderName::from_bytes(name.as_bytes()),
-        };
-        // Names and values were valid when recorded; skip any that are not rather than fail.
-        if let (Ok(n), Ok(v)) = (name, HeaderValue::from_maybe_shared(value)) {
-            headers.append(n, v);
-        }
+        headers.append(name, value);
     }
     headers.insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
     let mut res = Response::new(body);
@@ -719,7 +704,8 @@ async fn own<S, ResBody>(
         let stream = is_event_stream(&parts.headers);
         let headers = if keep { replay_headers(&parts.headers, &policy.replay_headers) } else { Vec::new() };
         let joinable = keep && stream;
-        flight.set_head(FlightHead { status: parts.status, headers: headers.clone(), joinable });
+        let flight_headers = if joinable { headers.clone() } else { Vec::new() };
+        flight.set_head(FlightHead { status: parts.status, headers: flight_headers, joinable });
         // Duplicates on other gateway processes follow the stream through the store.
         log = joinable.then(|| {
             let head = LiveHead { status: parts.status.as_u16(), headers: headers.clone() };
@@ -935,21 +921,57 @@ async fn renewing<F: Future>(
 }
 
 /// The response headers a replay repeats, in the allow-list's order.
-fn replay_headers(headers: &HeaderMap, allow: &[HeaderName]) -> Vec<(String, Bytes)> {
-    allow
+///
+/// Names come from the allow-list (no allocation); the values are copied into one
+/// buffer that they then share. Sharing the response's own values would save the
+/// copy but keep the whole response head (a kilobyte, from a provider) alive with each
+/// record that a `memory://` store holds, for a few hundred bytes of values.
+fn replay_headers(headers: &HeaderMap, allow: &[HeaderName]) -> Vec<(HeaderName, HeaderValue)> {
+    let mut kept: Vec<(HeaderName, HeaderValue)> = allow
         .iter()
         // Comparing names with the response's few is cheaper than hashing each allowed
         // name for a lookup that mostly finds nothing.
         .filter(|n| headers.keys().any(|k| k == *n))
-        .flat_map(|n| {
-            headers.get_all(n).iter().map(move |v| (n.as_str().to_owned(), Bytes::copy_from_slice(v.as_bytes())))
-        })
-        .collect()
+        .flat_map(|n| headers.get_all(n).iter().map(move |v| (n.clone(), v.clone())))
+        .collect();
+    let mut copy = BytesMut::with_capacity(kept.iter().map(|(_, v)| v.len()).sum());
+    kept.iter().for_each(|(_, v)| copy.extend_from_slice(v.as_bytes()));
+    let mut copy = copy.freeze();
+    for (_, value) in &mut kept {
+        // Copied from a valid value, so valid: `value` stays as it was otherwise.
+        if let Ok(copied) = HeaderValue::from_maybe_shared(copy.split_to(value.len())) {
+            *value = copied;
+        }
+    }
+    kept
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn replay_headers_keep_the_allowed_values_in_order_in_one_buffer_of_their_own() {
+        let mut h = HeaderMap::new();
+        h.insert("x-ratelimit-remaining-tokens", HeaderValue::from_static("9"));
+        h.insert("x-request-id", HeaderValue::from_static("req_1"));
+        h.append("content-type", HeaderValue::from_static("application/json"));
+        h.append("content-type", HeaderValue::from_bytes(b"caf\xe9").expect("obs-text"));
+        let allow = crate::policy::REPLAY_HEADERS;
+        let kept = replay_headers(&h, &allow);
+        let got: Vec<(&str, &[u8])> = kept.iter().map(|(n, v)| (n.as_str(), v.as_bytes())).collect();
+        let want: [(&str, &[u8]); 3] =
+            [("content-type", b"application/json"), ("content-type", b"caf\xe9"), ("x-request-id", b"req_1")];
+        assert_eq!(got, want);
+        // Contiguous: copied into one buffer, apart from the response's head.
+        let ends = kept.windows(2).all(|w| {
+            let first = w[0].1.as_bytes();
+            first.as_ptr_range().end == w[1].1.as_bytes().as_ptr()
+        });
+        assert!(ends, "the kept values share one buffer");
+        assert_ne!(kept[2].1.as_bytes().as_ptr(), h["x-request-id"].as_bytes().as_ptr());
+        assert!(replay_headers(&HeaderMap::new(), &allow).is_empty());
+    }
 
     #[test]
     fn prefer_wait_lowers_the_budget() {

@@ -78,6 +78,9 @@ pub use body::ResponseBody;
 pub use clock::{Clock, ManualClock, SystemClock, Timestamp};
 pub use error::{BoxError, ErrorKind, StoreError};
 pub use fingerprint::Fingerprint;
+/// The `http` crate whose header types stored responses carry, for stores built on
+/// this one.
+pub use http;
 pub use key::{IDEMPOTENCY_KEY, Key, KeyError};
 pub use layer::{IDEMPOTENT_REPLAYED, Idempotency, IdempotencyLayer, RequestBody};
 pub use policy::{

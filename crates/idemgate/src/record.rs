@@ -9,6 +9,7 @@
 use std::fmt;
 
 use bytes::Bytes;
+use http::{HeaderName, HeaderValue};
 
 use crate::clock::Timestamp;
 use crate::error::StoreError;
@@ -59,8 +60,10 @@ impl fmt::Debug for Token {
 pub struct StoredResponse {
     /// The HTTP status code.
     pub status: u16,
-    /// Header names (lowercase) and raw values, in the order received.
-    pub headers: Vec<(String, Bytes)>,
+    /// Header names and values, in the order received. Parsed types rather than text,
+    /// so that recording a response and replaying it share the upstream's bytes
+    /// instead of copying them.
+    pub headers: Vec<(HeaderName, HeaderValue)>,
     /// The body, as the chunks it arrived in.
     pub chunks: Vec<Bytes>,
     /// When each chunk arrived, in milliseconds after the first (empty when not
@@ -95,7 +98,12 @@ const VERSION: u8 = 2;
 
 impl StoredResponse {
     /// A response with no timings and no usage.
-    pub fn new(status: u16, headers: Vec<(String, Bytes)>, chunks: Vec<Bytes>, completed_at: Timestamp) -> Self {
+    pub fn new(
+        status: u16,
+        headers: Vec<(HeaderName, HeaderValue)>,
+        chunks: Vec<Bytes>,
+        completed_at: Timestamp,
+    ) -> Self {
         Self { status, headers, chunks, offsets_ms: Vec::new(), usage: None, model: None, completed_at }
     }
 
@@ -115,7 +123,7 @@ impl StoredResponse {
 
     /// Encodes the response for a store (the latest format version, see `decode`).
     pub fn encode(&self) -> Vec<u8> {
-        let header_len: usize = self.headers.iter().map(|(n, v)| 6 + n.len() + v.len()).sum();
+        let header_len: usize = self.headers.iter().map(|(n, v)| 6 + n.as_str().len() + v.len()).sum();
         let mut out = Vec::with_capacity(32 + header_len + 4 * self.chunks.len() + self.body_len());
         out.extend_from_slice(MAGIC);
         out.push(VERSION);
@@ -123,10 +131,10 @@ impl StoredResponse {
         out.extend_from_slice(&self.completed_at.as_millis().to_be_bytes());
         out.extend_from_slice(&(self.headers.len() as u32).to_be_bytes());
         for (name, value) in &self.headers {
-            out.extend_from_slice(&(name.len() as u16).to_be_bytes());
-            out.extend_from_slice(name.as_bytes());
+            out.extend_from_slice(&(name.as_str().len() as u16).to_be_bytes());
+            out.extend_from_slice(name.as_str().as_bytes());
             out.extend_from_slice(&(value.len() as u32).to_be_bytes());
-            out.extend_from_slice(value);
+            out.extend_from_slice(value.as_bytes());
         }
         out.extend_from_slice(&(self.chunks.len() as u32).to_be_bytes());
         for chunk in &self.chunks {
@@ -184,10 +192,14 @@ impl StoredResponse {
         let mut headers = Vec::with_capacity(n.min(256));
         for _ in 0..n {
             let len = r.u16()? as usize;
-            let name = String::from_utf8(r.take(len)?.to_vec())
-                .map_err(|_| StoreError::corrupt("stored header name is not UTF-8"))?;
+            let name = r.take(len)?;
             let len = r.u32()? as usize;
-            headers.push((name, r.take(len)?));
+            let value = r.take(len)?;
+            // This build writes only valid headers; one that is not (another writer,
+            // an older build) is left out of the replay rather than failing it.
+            if let (Some(name), Ok(value)) = (header_name(&name), HeaderValue::from_maybe_shared(value)) {
+                headers.push((name, value));
+            }
         }
         let n = r.u32()? as usize;
         let mut chunks = Vec::with_capacity(n.min(4096));
@@ -217,6 +229,15 @@ impl StoredResponse {
             return Err(StoreError::corrupt("stored response has trailing bytes"));
         }
         Ok(response)
+    }
+}
+
+/// A stored header name: shared from the default allow-list when it is there (no
+/// allocation), parsed otherwise.
+fn header_name(name: &[u8]) -> Option<HeaderName> {
+    match crate::policy::REPLAY_HEADERS.iter().find(|n| n.as_str().as_bytes() == name) {
+        Some(known) => Some(known.clone()),
+        None => HeaderName::from_bytes(name).ok(),
     }
 }
 
@@ -298,8 +319,8 @@ mod tests {
         StoredResponse::new(
             201,
             vec![
-                ("content-type".into(), Bytes::from_static(b"application/json")),
-                ("x-request-id".into(), Bytes::from_static(b"req_1")),
+                (http::header::CONTENT_TYPE, HeaderValue::from_static("application/json")),
+                (HeaderName::from_static("x-request-id"), HeaderValue::from_static("req_1")),
             ],
             vec![Bytes::from_static(b"{\"a\":"), Bytes::new(), Bytes::from_static(b"1}")],
             Timestamp::from_millis(1_700_000_000_123),
@@ -325,6 +346,21 @@ mod tests {
         assert_eq!(StoredResponse::decode(Bytes::from(empty.encode())).unwrap(), empty);
         let m = metered();
         assert_eq!(StoredResponse::decode(Bytes::from(m.encode())).unwrap(), m);
+    }
+
+    #[test]
+    fn an_invalid_stored_header_is_left_out_of_the_replay() {
+        let enc = sample().encode();
+        let at = enc.windows(12).position(|w| w == b"x-request-id").unwrap();
+        let mut bad = enc.clone();
+        bad[at + 1] = b' ';
+        let back = StoredResponse::decode(Bytes::from(bad)).unwrap();
+        assert_eq!(back.headers, sample().headers[..1]);
+        assert_eq!(back.chunks, sample().chunks);
+        let mut bad_value = enc;
+        let value_at = at + 12 + 4;
+        bad_value[value_at] = b'\n';
+        assert_eq!(StoredResponse::decode(Bytes::from(bad_value)).unwrap().headers, sample().headers[..1]);
     }
 
     /// Records written by earlier builds; later versions must keep decoding them.

@@ -8,6 +8,7 @@ use std::time::SystemTime;
 use tokio::time::Instant;
 
 use bytes::Bytes;
+use http::{HeaderName, HeaderValue};
 
 use crate::clock::Timestamp;
 use crate::flight::Flight;
@@ -78,7 +79,12 @@ impl Recording {
     /// The response to store, or `None` when the body is not whole: it ended with an
     /// error (`clean` false), or a stream stopped before its terminator or carried an
     /// in-band error.
-    pub(crate) fn finish(mut self, status: u16, headers: Vec<(String, Bytes)>, clean: bool) -> Option<StoredResponse> {
+    pub(crate) fn finish(
+        mut self,
+        status: u16,
+        headers: Vec<(HeaderName, HeaderValue)>,
+        clean: bool,
+    ) -> Option<StoredResponse> {
         let (usage, model) = match &mut self.stream {
             Some(s) => {
                 s.splitter.finish(&mut s.events);

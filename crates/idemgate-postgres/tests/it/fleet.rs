@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use idemgate::http::{HeaderName, HeaderValue};
 use idemgate::store::{LiveEnd, LiveHead};
 use idemgate::{Claim, Clock, Lease, RecordState, Store, SystemClock};
 use idemgate_testkit::{fp, key, sample_response};
@@ -82,8 +83,10 @@ async fn a_follower_on_another_gateway_reads_the_live_log() {
     let owner = scratch.store("idemgate-live-owner").await;
     let follower = scratch.store("idemgate-live-follower").await;
     let lease = acquire(&owner, 1).await;
-    let head =
-        LiveHead { status: 200, headers: vec![("content-type".into(), Bytes::from_static(b"text/event-stream"))] };
+    let head = LiveHead {
+        status: 200,
+        headers: vec![(HeaderName::from_static("content-type"), HeaderValue::from_static("text/event-stream"))],
+    };
     assert!(owner.live_begin(&lease, &head).await.expect("the owner opens its log"));
 
     let chunks: Vec<Bytes> = (0..5).map(|i| Bytes::from(format!("data: {i}\n\n"))).collect();

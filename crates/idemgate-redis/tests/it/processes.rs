@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use idemgate::http::{HeaderName, HeaderValue};
 use idemgate::store::{LiveEnd, LiveHead};
 use idemgate::{Claim, Store, Timestamp};
 use idemgate_redis::RedisStore;
@@ -111,8 +112,10 @@ async fn watch_wakes_across_processes(url: String) {
 
     // A live log: the follower in the other process reads what the owner appends.
     let Claim::Acquired(lease) = a.claim(&key(4), &fp(4), LEASE).await.expect("claim") else { panic!("acquired") };
-    let head =
-        LiveHead { status: 200, headers: vec![("content-type".into(), Bytes::from_static(b"text/event-stream"))] };
+    let head = LiveHead {
+        status: 200,
+        headers: vec![(HeaderName::from_static("content-type"), HeaderValue::from_static("text/event-stream"))],
+    };
     assert!(a.live_begin(&lease, &head).await.expect("live_begin"));
     let woken = b.watch(&key(4));
     until_subscribed(&url, a.prefix(), &key(4)).await;

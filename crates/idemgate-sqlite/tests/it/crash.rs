@@ -16,6 +16,7 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use idemgate::http::{HeaderName, HeaderValue};
 use idemgate::{Claim, Store, StoredResponse, Timestamp};
 use idemgate_sqlite::SqliteStore;
 use idemgate_testkit::{fp, key};
@@ -43,7 +44,10 @@ fn response_for(n: u64) -> StoredResponse {
         .collect();
     StoredResponse::new(
         200,
-        vec![("x-request-id".into(), Bytes::from(format!("req_{n}")))],
+        vec![(
+            HeaderName::from_static("x-request-id"),
+            HeaderValue::from_str(&format!("req_{n}")).expect("an ASCII value"),
+        )],
         chunks,
         Timestamp::from_millis(1_700_000_000_000 + n),
     )

@@ -168,7 +168,7 @@ pub struct LiveHead {
     /// The HTTP status.
     pub status: u16,
     /// The replayable headers (the same allow-list as a stored record).
-    pub headers: Vec<(String, Bytes)>,
+    pub headers: Vec<(http::HeaderName, http::HeaderValue)>,
 }
 
 /// How a live log ended.
