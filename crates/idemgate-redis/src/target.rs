@@ -7,8 +7,10 @@
 //! options. idemgate's own query options are taken out first: `cacert=PATH`
 //! (percent-encoded, as `%20` for a space), a PEM file of CA certificates that TLS
 //! connections trust instead of the Mozilla roots, as `redis-cli --cacert` does; and
-//! `prefix=NAME`, the namespace of every key (see `RedisStore::with_prefix`). Errors
-//! never repeat the URL, which may carry a password.
+//! `prefix=NAME`, the namespace of every key (see `RedisStore::with_prefix`). An option
+//! the redis crate would ignore is refused, `db`, `user` and `pass` included where it
+//! reads them only for a Unix socket. Errors never repeat the URL, which may carry a
+//! password.
 
 use std::fmt;
 use std::sync::Arc;
@@ -55,7 +57,7 @@ impl Target {
         let Some((scheme, _)) = url.split_once("://") else {
             return Err(invalid(SCHEMES));
         };
-        let Options { url, cacert, prefix } = Options::take(url)?;
+        let Options { url, cacert, prefix } = Options::take(url, matches!(scheme, "redis+unix" | "unix"))?;
         let prefix = prefix.map(|p| key_prefix(&p)).transpose()?;
         let root_cert = match cacert {
             None => None,
@@ -103,6 +105,14 @@ impl Target {
 /// `redis+unix://` URL). Any other, a misspelt `prefix` say, would be ignored by it.
 const REDIS_OPTIONS: [&str; 4] = ["protocol", "db", "user", "pass"];
 
+/// The options of [`REDIS_OPTIONS`] that the redis crate reads from a socket path's
+/// URL only, and where a TCP URL says the same.
+const UNIX_ONLY_OPTIONS: [(&str, &str); 3] = [
+    ("db", "the database as the path: redis://host:6379/2"),
+    ("user", "the credentials before the host: redis://user:password@host:6379"),
+    ("pass", "the credentials before the host: redis://user:password@host:6379"),
+];
+
 /// A URL without idemgate's own query options, and their values as written.
 struct Options {
     url: String,
@@ -115,7 +125,7 @@ impl Options {
     /// an option given twice or one that neither idemgate nor the redis crate reads
     /// (by name only: a value may be a password). Names are percent-decoded, as the
     /// redis crate decodes them.
-    fn take(url: &str) -> Result<Self, InvalidUrl> {
+    fn take(url: &str, unix: bool) -> Result<Self, InvalidUrl> {
         let (before_fragment, fragment) = url.split_once('#').map_or((url, None), |(u, f)| (u, Some(f)));
         let Some((base, query)) = before_fragment.split_once('?') else {
             return Ok(Self { url: url.to_owned(), cacert: None, prefix: None });
@@ -127,6 +137,14 @@ impl Options {
             let slot = match &*name {
                 "cacert" => &mut cacert,
                 "prefix" => &mut prefix,
+                // Ignored by the redis crate on a TCP URL: a `?pass=` would connect
+                // without a password, a `?db=2` to database 0, with nothing said.
+                unix_only if !unix && let Some((_, instead)) = UNIX_ONLY_OPTIONS.iter().find(|o| o.0 == unix_only) => {
+                    return Err(invalid(format!(
+                        "{unix_only} in the query of a redis store url is read only for redis+unix:// sockets; \
+                         write {instead}"
+                    )));
+                }
                 known if REDIS_OPTIONS.contains(&known) => {
                     kept.push(pair);
                     continue;
@@ -255,6 +273,20 @@ mod tests {
         }
         assert_eq!(Target::parse("redis://h?pre%66ix=staging").unwrap().prefix.as_deref(), Some("staging"));
         assert!(Target::parse("redis+unix:///run/redis.sock?db=2&pass=secret&protocol=resp3").is_ok());
+    }
+
+    #[test]
+    fn socket_only_options_on_a_tcp_url_are_refused_with_what_to_write_instead() {
+        let refused = |url: &str, why: &str| {
+            let err = Target::parse(url).expect_err(url).to_string();
+            assert!(err.contains(why) && !err.contains("secret"), "{url}: {err}");
+        };
+        refused("redis://h:6379?db=2", "write the database as the path: redis://host:6379/2");
+        refused("rediss://h?pass=secret", "write the credentials before the host");
+        refused("redis+cluster://a:1,b:2/?user=gw", "read only for redis+unix://");
+        refused("redis://h?%64b=2", "db in the query");
+        let unix = Target::parse("unix:///run/redis.sock?db=2&user=gw&pass=secret").unwrap();
+        assert_eq!(unix.nodes, Nodes::Single("unix:///run/redis.sock?db=2&user=gw&pass=secret".into()));
     }
 
     #[test]
