@@ -57,6 +57,10 @@ impl Target {
         let Some((scheme, _)) = url.split_once("://") else {
             return Err(invalid(SCHEMES));
         };
+        // Before the options, whose checks depend on the scheme.
+        if !matches!(scheme, "redis" | "rediss" | "redis+unix" | "unix" | "redis+cluster" | "rediss+cluster") {
+            return Err(invalid(SCHEMES));
+        }
         let Options { url, cacert, prefix } = Options::take(url, matches!(scheme, "redis+unix" | "unix"))?;
         let prefix = prefix.map(|p| key_prefix(&p)).transpose()?;
         let root_cert = match cacert {
@@ -134,17 +138,17 @@ impl Options {
         for pair in query.split('&').filter(|p| !p.is_empty()) {
             let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
             let name = percent_encoding::percent_decode_str(name).decode_utf8_lossy();
+            // Ignored by the redis crate on a TCP URL: a `?pass=` would connect without
+            // a password, a `?db=2` to database 0, with nothing said.
+            if !unix && let Some((_, instead)) = UNIX_ONLY_OPTIONS.iter().find(|o| o.0 == name) {
+                return Err(invalid(format!(
+                    "{name} in the query of a redis store url is read by the redis client only from a Unix \
+                     socket url; write {instead}"
+                )));
+            }
             let slot = match &*name {
                 "cacert" => &mut cacert,
                 "prefix" => &mut prefix,
-                // Ignored by the redis crate on a TCP URL: a `?pass=` would connect
-                // without a password, a `?db=2` to database 0, with nothing said.
-                unix_only if !unix && let Some((_, instead)) = UNIX_ONLY_OPTIONS.iter().find(|o| o.0 == unix_only) => {
-                    return Err(invalid(format!(
-                        "{unix_only} in the query of a redis store url is read only for redis+unix:// sockets; \
-                         write {instead}"
-                    )));
-                }
                 known if REDIS_OPTIONS.contains(&known) => {
                     kept.push(pair);
                     continue;
@@ -283,8 +287,11 @@ mod tests {
         };
         refused("redis://h:6379?db=2", "write the database as the path: redis://host:6379/2");
         refused("rediss://h?pass=secret", "write the credentials before the host");
-        refused("redis+cluster://a:1,b:2/?user=gw", "read only for redis+unix://");
+        refused("redis+cluster://a:1,b:2/?user=gw", "only from a Unix socket url");
+        refused("rediss+cluster://a:1,b:2/?db=1", "write the database as the path");
         refused("redis://h?%64b=2", "db in the query");
+        refused("valkey+unix:///s?db=2", "a redis store url starts with");
+        assert!(Target::parse("redis+unix:///run/redis.sock?%64b=2").is_ok());
         let unix = Target::parse("unix:///run/redis.sock?db=2&user=gw&pass=secret").unwrap();
         assert_eq!(unix.nodes, Nodes::Single("unix:///run/redis.sock?db=2&user=gw&pass=secret".into()));
     }
