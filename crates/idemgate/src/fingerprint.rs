@@ -321,7 +321,8 @@ mod tests {
         })
     }
 
-    /// Writes `v` with object keys in an order chosen by `seed`, and random spacing.
+    /// Writes `v` with object keys in an order chosen by `seed`, random spacing, and
+    /// now and then a member whose key comes again later (the later one must win).
     fn shuffled(v: &Value, seed: &mut u64, out: &mut String) {
         fn next(seed: &mut u64) -> usize {
             *seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
@@ -338,6 +339,10 @@ mod tests {
                 for (i, (k, val)) in entries.into_iter().enumerate() {
                     if i > 0 {
                         out.push(',');
+                    }
+                    if next(seed).is_multiple_of(4) {
+                        let decoy = ["null", "[1,{\"z\":2}]", "{\"b\":1,\"a\":0}", "\"shadowed\""][next(seed) % 4];
+                        out.push_str(&format!("{}:{decoy},", serde_json::to_string(k).unwrap()));
                     }
                     out.push_str(space(next(seed)));
                     out.push_str(&serde_json::to_string(k).unwrap());

@@ -60,9 +60,10 @@ impl fmt::Debug for Token {
 pub struct StoredResponse {
     /// The HTTP status code.
     pub status: u16,
-    /// Header names and values, in the order received. Parsed types rather than text,
-    /// so that recording a response and replaying it share the upstream's bytes
-    /// instead of copying them.
+    /// The allow-listed headers, in the allow-list's order (one name's values in the
+    /// order received). Kept as `http` types, so a replay neither parses nor copies
+    /// them again: a recorded response's values share one buffer of their own, a
+    /// decoded one's borrow from the stored bytes.
     pub headers: Vec<(HeaderName, HeaderValue)>,
     /// The body, as the chunks it arrived in.
     pub chunks: Vec<Bytes>,
@@ -166,7 +167,10 @@ impl StoredResponse {
         out
     }
 
-    /// Decodes what [`encode`](Self::encode) wrote. Chunks borrow from `buf`, no copy.
+    /// Decodes what [`encode`](Self::encode) wrote. Chunks and header values borrow
+    /// from `buf`, no copy; names are lowercased. A stored header that is not a valid
+    /// one (which this build never writes) is left out rather than reported, so that
+    /// the response can still be replayed, and `inspect` does not show it.
     ///
     /// Layout, all integers big-endian: `"IDGR"`, version `u8`, status `u16`,
     /// completed-at `u64` ms, header count `u32`, then per header name length `u16`,
@@ -357,10 +361,18 @@ mod tests {
         let back = StoredResponse::decode(Bytes::from(bad)).unwrap();
         assert_eq!(back.headers, sample().headers[..1]);
         assert_eq!(back.chunks, sample().chunks);
-        let mut bad_value = enc;
+        let mut bad_value = enc.clone();
         let value_at = at + 12 + 4;
         bad_value[value_at] = b'\n';
         assert_eq!(StoredResponse::decode(Bytes::from(bad_value)).unwrap().headers, sample().headers[..1]);
+        // Not UTF-8: once `Corrupt` when decoded, now left out like any invalid name.
+        let mut not_utf8 = enc.clone();
+        not_utf8[at + 2] = 0xff;
+        assert_eq!(StoredResponse::decode(Bytes::from(not_utf8)).unwrap().headers, sample().headers[..1]);
+        // Another writer's uppercase name is the same header.
+        let mut upper = enc;
+        upper[at..at + 12].copy_from_slice(b"X-Request-Id");
+        assert_eq!(StoredResponse::decode(Bytes::from(upper)).unwrap().headers, sample().headers);
     }
 
     /// Records written by earlier builds; later versions must keep decoding them.

@@ -718,6 +718,7 @@ fn sse_service(
             });
             let res = Response::builder()
                 .header("content-type", "text/event-stream")
+                .header("x-request-id", format!("req_{n}"))
                 .body(http_body_util::StreamBody::new(frames))
                 .unwrap();
             Ok::<_, Infallible>(res)
@@ -731,14 +732,18 @@ fn sse_upstream(calls: Arc<AtomicUsize>, gap: Duration, terminate: bool, policy:
 }
 
 async fn frames(svc: &Svc, req: Request<Full<Bytes>>) -> (String, Vec<Bytes>) {
+    let (headers, out) = frames_and_headers(svc, req).await;
+    (headers["idempotent-replayed"].to_str().unwrap().to_owned(), out)
+}
+
+async fn frames_and_headers(svc: &Svc, req: Request<Full<Bytes>>) -> (http::HeaderMap, Vec<Bytes>) {
     let res = svc.clone().oneshot(req).await.unwrap();
-    let replayed = res.headers()["idempotent-replayed"].to_str().unwrap().to_owned();
-    let mut body = res.into_body();
+    let (parts, mut body) = res.into_parts();
     let mut out = Vec::new();
     while let Some(frame) = body.frame().await {
         out.push(frame.unwrap().into_data().unwrap());
     }
-    (replayed, out)
+    (parts.headers, out)
 }
 
 fn chat_stream_req(key: &str) -> Request<Full<Bytes>> {
@@ -808,10 +813,13 @@ async fn a_duplicate_on_another_process_joins_the_stream_through_the_store() {
         async move { frames(&a, chat_stream_req("fleet")).await }
     });
     tokio::time::sleep(Duration::from_millis(130)).await;
-    let (joined_flag, joined) = frames(&b, chat_stream_req("fleet")).await;
+    let (joined_head, joined) = frames_and_headers(&b, chat_stream_req("fleet")).await;
     let (first_flag, first) = original.await.unwrap();
-    assert_eq!((first_flag.as_str(), joined_flag.as_str()), ("false", "true"));
+    assert_eq!((first_flag.as_str(), joined_head["idempotent-replayed"].to_str().unwrap()), ("false", "true"));
     assert_eq!(joined.concat(), first.concat(), "the same bytes");
+    // The live log carries the head's allow-listed headers.
+    assert_eq!(joined_head["content-type"], "text/event-stream");
+    assert_eq!(joined_head["x-request-id"], "req_1");
     assert_eq!(calls.load(Ordering::SeqCst), 1);
     // Later, the other process replays the stored stream.
     let (flag, again) = frames(&b, chat_stream_req("fleet")).await;

@@ -245,6 +245,11 @@ async fn a_duplicate_started_mid_stream_gets_the_whole_stream() {
     let original = original.await.expect("original");
     assert_eq!(joined.headers["idempotent-replayed"], "true");
     assert_eq!(original.headers["idempotent-replayed"], "false");
+    // The in-process flight hands the joiner the head's allow-listed headers.
+    for name in ["content-type", "request-id", "anthropic-organization-id"] {
+        assert_eq!(joined.headers.get(name), original.headers.get(name), "{name}");
+        assert!(original.headers.contains_key(name), "{name}");
+    }
     assert_eq!(joined.body, original.body);
     assert!(joined.body.ends_with(b"event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n"));
     assert_eq!(mock.calls(), 1);
