@@ -192,7 +192,8 @@ impl RedisStore {
     /// query option neither idemgate nor the redis crate reads (a misspelt `prefix`
     /// would otherwise share the default namespace) or one it reads only from a socket
     /// path's URL (`db`, `user`, `pass` on a TCP URL would be ignored: the database and
-    /// the credentials go in the URL's path and before its host), when `cacert` or
+    /// the credentials go in the URL's path and before its host), when it has a
+    /// `#fragment` (a `#` in a password is written `%23`), when `cacert` or
     /// `prefix` is given twice, when `cacert` holds no usable certificate (or is given without TLS), or
     /// when `prefix` is empty or holds `{` or `}`; and with `Unavailable` otherwise: a
     /// URL the redis crate cannot read, a server that does not answer within the

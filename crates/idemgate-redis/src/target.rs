@@ -9,8 +9,8 @@
 //! connections trust instead of the Mozilla roots, as `redis-cli --cacert` does; and
 //! `prefix=NAME`, the namespace of every key (see `RedisStore::with_prefix`). An option
 //! the redis crate would ignore is refused, `db`, `user` and `pass` included where it
-//! reads them only for a Unix socket. Errors never repeat the URL, which may carry a
-//! password.
+//! reads them only for a Unix socket, and so is a `#fragment` (ignored by it, or failed
+//! at connect). Errors never repeat the URL, which may carry a password.
 
 use std::fmt;
 use std::sync::Arc;
@@ -130,8 +130,15 @@ impl Options {
     /// (by name only: a value may be a password). Names are percent-decoded, as the
     /// redis crate decodes them.
     fn take(url: &str, unix: bool) -> Result<Self, InvalidUrl> {
-        let (before_fragment, fragment) = url.split_once('#').map_or((url, None), |(u, f)| (u, Some(f)));
-        let Some((base, query)) = before_fragment.split_once('?') else {
+        // The redis crate ignores a fragment on redis:// and, built without its insecure
+        // feature, fails a rediss:// one at connect; a `#` in a password starts one.
+        if url.contains('#') {
+            return Err(invalid(
+                "a redis store url takes no #fragment: write a # in a password as %23; #insecure (no certificate \
+                 checks) is not supported, and ?cacert=PATH trusts a private CA",
+            ));
+        }
+        let Some((base, query)) = url.split_once('?') else {
             return Ok(Self { url: url.to_owned(), cacert: None, prefix: None });
         };
         let (mut cacert, mut prefix, mut kept) = (None, None, Vec::new());
@@ -168,9 +175,6 @@ impl Options {
         if !kept.is_empty() {
             out = format!("{out}?{}", kept.join("&"));
         }
-        if let Some(fragment) = fragment {
-            out = format!("{out}#{fragment}");
-        }
         Ok(Self { url: out, cacert, prefix })
     }
 }
@@ -203,7 +207,7 @@ mod tests {
 
     #[test]
     fn single_urls_pass_through() {
-        for url in ["redis://127.0.0.1:6379", "redis://h:1/2", "rediss://u:p@h:6380/0#insecure"] {
+        for url in ["redis://127.0.0.1:6379", "redis://h:1/2", "rediss://u:p@h:6380/0"] {
             assert_eq!(
                 Target::parse(url),
                 Ok(Target { nodes: Nodes::Single(url.into()), root_cert: None, prefix: None })
@@ -236,8 +240,8 @@ mod tests {
         let escaped = ca.display().to_string().replace(' ', "%20");
         let pem: Arc<[u8]> = TEST_CA_PEM.as_bytes().into();
 
-        let t = Target::parse(&format!("rediss://u:p@h:6380/0?cacert={escaped}&protocol=resp3#insecure")).unwrap();
-        assert_eq!(t.nodes, Nodes::Single("rediss://u:p@h:6380/0?protocol=resp3#insecure".into()));
+        let t = Target::parse(&format!("rediss://u:p@h:6380/0?cacert={escaped}&protocol=resp3")).unwrap();
+        assert_eq!(t.nodes, Nodes::Single("rediss://u:p@h:6380/0?protocol=resp3".into()));
         assert_eq!(t.root_cert, Some(Arc::clone(&pem)));
         let t = Target::parse(&format!("rediss+cluster://a:1,b:2/?cacert={escaped}")).unwrap();
         assert_eq!(t.nodes, Nodes::Cluster(vec!["rediss://a:1/".into(), "rediss://b:2/".into()]));
@@ -294,6 +298,16 @@ mod tests {
         assert!(Target::parse("redis+unix:///run/redis.sock?%64b=2").is_ok());
         let unix = Target::parse("unix:///run/redis.sock?db=2&user=gw&pass=secret").unwrap();
         assert_eq!(unix.nodes, Nodes::Single("unix:///run/redis.sock?db=2&user=gw&pass=secret".into()));
+    }
+
+    #[test]
+    fn a_fragment_is_refused_where_the_redis_crate_would_ignore_or_fail_it() {
+        for url in ["redis://h#x?db=2", "rediss://u:p@h:6380/0#insecure", "redis://:pa#secret@h:6379", "redis://h/#"] {
+            let err = Target::parse(url).expect_err(url).to_string();
+            assert!(err.contains("no #fragment") && !err.contains("secret"), "{url}: {err}");
+        }
+        // Escaped, a # is part of the password.
+        assert!(Target::parse("redis://:pa%23secret@h:6379").is_ok());
     }
 
     #[test]
