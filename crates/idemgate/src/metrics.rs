@@ -209,7 +209,10 @@ impl Meters {
     /// Counts what one replay or join of a response with `usage` saved.
     pub(crate) fn saved(&self, usage: Option<&Usage>, model: Option<&str>) {
         let Some(usage) = usage else { return };
-        for (counter, (_, n)) in self.tokens.iter().zip(usage.kinds()) {
+        // A zero changes nothing, and each increment is an atomic write to a cache line
+        // that every connection thread writes (most responses have no cached or
+        // reasoning tokens).
+        for (counter, (_, n)) in self.tokens.iter().zip(usage.kinds()).filter(|(_, (_, n))| *n > 0) {
             counter.increment(n);
         }
         if let (Some((prices, gauge)), Some(model)) = (&self.cost, model)
