@@ -31,6 +31,7 @@ use http::header::{CONNECTION, CONTENT_LENGTH, HOST, TRANSFER_ENCODING};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
+use idemgate::policy::header_name;
 use idemgate::{BoxError, RequestBody};
 use parking_lot::Mutex;
 use rustls::pki_types::ServerName;
@@ -619,11 +620,7 @@ impl Conn {
         let copy = Bytes::copy_from_slice(&self.buf[..len]);
         let mut headers = HeaderMap::with_capacity(res.headers.len());
         for field in res.headers.iter() {
-            let name = match known_name(field.name.as_bytes()) {
-                Some(known) => known.clone(),
-                None => HeaderName::from_bytes(field.name.as_bytes())
-                    .map_err(|_| SendError::Invalid("a bad header name"))?,
-            };
+            let name = header_name(field.name.as_bytes()).ok_or(SendError::Invalid("a bad header name"))?;
             let at = field.value.as_ptr() as usize - start;
             let value = HeaderValue::from_maybe_shared(copy.slice(at..at + field.value.len()))
                 .map_err(|_| SendError::Invalid("a bad header value"))?;
@@ -632,40 +629,6 @@ impl Conn {
         self.buf.advance(len);
         Ok(Some(Head { status, version, headers }))
     }
-}
-
-/// Response header names that LLM providers send on every call and `http` does not
-/// know: shared from here, where parsing would allocate each one per response.
-static KNOWN_NAMES: [HeaderName; 24] = [
-    HeaderName::from_static("x-request-id"),
-    HeaderName::from_static("request-id"),
-    HeaderName::from_static("openai-processing-ms"),
-    HeaderName::from_static("openai-version"),
-    HeaderName::from_static("openai-organization"),
-    HeaderName::from_static("openai-project"),
-    HeaderName::from_static("openai-model"),
-    HeaderName::from_static("x-ratelimit-limit-requests"),
-    HeaderName::from_static("x-ratelimit-limit-tokens"),
-    HeaderName::from_static("x-ratelimit-remaining-requests"),
-    HeaderName::from_static("x-ratelimit-remaining-tokens"),
-    HeaderName::from_static("x-ratelimit-reset-requests"),
-    HeaderName::from_static("x-ratelimit-reset-tokens"),
-    HeaderName::from_static("x-envoy-upstream-service-time"),
-    HeaderName::from_static("x-should-retry"),
-    HeaderName::from_static("anthropic-organization-id"),
-    HeaderName::from_static("anthropic-ratelimit-requests-limit"),
-    HeaderName::from_static("anthropic-ratelimit-requests-remaining"),
-    HeaderName::from_static("anthropic-ratelimit-tokens-limit"),
-    HeaderName::from_static("anthropic-ratelimit-tokens-remaining"),
-    HeaderName::from_static("x-amzn-requestid"),
-    HeaderName::from_static("cf-ray"),
-    HeaderName::from_static("cf-cache-status"),
-    HeaderName::from_static("retry-after-ms"),
-];
-
-/// One of [`KNOWN_NAMES`], matched as HTTP matches names: ignoring case.
-fn known_name(name: &[u8]) -> Option<&'static HeaderName> {
-    KNOWN_NAMES.iter().find(|known| known.as_str().as_bytes().eq_ignore_ascii_case(name))
 }
 
 /// A response body read off its connection as it is polled.
@@ -1060,8 +1023,6 @@ mod tests {
         assert_eq!(res.headers()["x-request-id"], "req_1");
         let custom: Vec<_> = res.headers().get_all("x-custom").iter().collect();
         assert_eq!(custom, ["a", "b"]);
-        assert_eq!(known_name(b"X-REQUEST-ID"), Some(&KNOWN_NAMES[0]));
-        assert_eq!(known_name(b"x-request-idx"), None);
     }
 
     #[tokio::test]

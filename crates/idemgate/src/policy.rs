@@ -112,6 +112,49 @@ pub const REPLAY_HEADERS: [HeaderName; 11] = [
     HeaderName::from_static("x-amzn-requestid"),
 ];
 
+/// Response header names that LLM providers send on every call and `http` has no
+/// constant for (the replayable ones of [`REPLAY_HEADERS`] among them), which
+/// [`header_name`] shares instead of allocating each per response or record. A
+/// `static`, not a `const`: a `const` array would be built, and its 24 names dropped,
+/// at every lookup (3k instructions per proxied call).
+static PROVIDER_HEADERS: [HeaderName; 24] = [
+    HeaderName::from_static("x-request-id"),
+    HeaderName::from_static("request-id"),
+    HeaderName::from_static("openai-processing-ms"),
+    HeaderName::from_static("openai-version"),
+    HeaderName::from_static("openai-organization"),
+    HeaderName::from_static("openai-project"),
+    HeaderName::from_static("openai-model"),
+    HeaderName::from_static("x-ratelimit-limit-requests"),
+    HeaderName::from_static("x-ratelimit-limit-tokens"),
+    HeaderName::from_static("x-ratelimit-remaining-requests"),
+    HeaderName::from_static("x-ratelimit-remaining-tokens"),
+    HeaderName::from_static("x-ratelimit-reset-requests"),
+    HeaderName::from_static("x-ratelimit-reset-tokens"),
+    HeaderName::from_static("x-envoy-upstream-service-time"),
+    HeaderName::from_static("x-should-retry"),
+    HeaderName::from_static("anthropic-organization-id"),
+    HeaderName::from_static("anthropic-ratelimit-requests-limit"),
+    HeaderName::from_static("anthropic-ratelimit-requests-remaining"),
+    HeaderName::from_static("anthropic-ratelimit-tokens-limit"),
+    HeaderName::from_static("anthropic-ratelimit-tokens-remaining"),
+    HeaderName::from_static("x-amzn-requestid"),
+    HeaderName::from_static("cf-ray"),
+    HeaderName::from_static("cf-cache-status"),
+    HeaderName::from_static("retry-after-ms"),
+];
+
+/// `name` as a header name (lowercase), or `None` when it is not a valid one. `http`
+/// parses the standard names without allocating, and the names providers send on every
+/// call come from a static table (matched ignoring case, as HTTP matches names): only
+/// other names are copied. For the upstream client's responses and stored records.
+pub fn header_name(name: &[u8]) -> Option<HeaderName> {
+    match PROVIDER_HEADERS.iter().find(|known| known.as_str().as_bytes().eq_ignore_ascii_case(name)) {
+        Some(known) => Some(known.clone()),
+        None => HeaderName::from_bytes(name).ok(),
+    }
+}
+
 /// How the layer treats one route's requests.
 #[derive(Debug, Clone)]
 pub struct Policy {
@@ -303,6 +346,23 @@ impl Policy {
             200..=299 | 400 | 401 | 403 | 404 | 413 | 422 => true,
             500..=599 => self.server_errors == ServerErrors::Store,
             _ => false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_names_are_shared_when_known_parsed_otherwise_and_lowercase_either_way() {
+        assert_eq!(header_name(b"X-REQUEST-ID"), Some(PROVIDER_HEADERS[0].clone()));
+        assert_eq!(header_name(b"Content-Type"), Some(http::header::CONTENT_TYPE));
+        assert_eq!(header_name(b"X-Request-Idx").map(|n| n.as_str().to_owned()), Some("x-request-idx".to_owned()));
+        assert_eq!(header_name(b"bad name"), None);
+        assert_eq!(header_name(b""), None);
+        for name in REPLAY_HEADERS {
+            assert_eq!(header_name(name.as_str().as_bytes()), Some(name));
         }
     }
 }

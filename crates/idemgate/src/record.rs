@@ -201,7 +201,8 @@ impl StoredResponse {
             let value = r.take(len)?;
             // This build writes only valid headers; one that is not (another writer,
             // an older build) is left out of the replay rather than failing it.
-            if let (Some(name), Ok(value)) = (header_name(&name), HeaderValue::from_maybe_shared(value)) {
+            if let (Some(name), Ok(value)) = (crate::policy::header_name(&name), HeaderValue::from_maybe_shared(value))
+            {
                 headers.push((name, value));
             }
         }
@@ -233,15 +234,6 @@ impl StoredResponse {
             return Err(StoreError::corrupt("stored response has trailing bytes"));
         }
         Ok(response)
-    }
-}
-
-/// A stored header name: shared from the default allow-list when it is there (no
-/// allocation), parsed otherwise.
-fn header_name(name: &[u8]) -> Option<HeaderName> {
-    match crate::policy::REPLAY_HEADERS.iter().find(|n| n.as_str().as_bytes() == name) {
-        Some(known) => Some(known.clone()),
-        None => HeaderName::from_bytes(name).ok(),
     }
 }
 
