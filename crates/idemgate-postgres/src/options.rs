@@ -282,12 +282,9 @@ mod tests {
 
     #[test]
     fn sslrootcert_is_read_at_parse_time_and_needs_tls() {
-        use idemgate_testkit::pki::{NOT_A_CERTIFICATE_PEM, TEST_CA_PEM};
-
         let dir = tempfile::tempdir().unwrap();
-        let ca = dir.path().join("ca bundle.pem");
-        std::fs::write(&ca, TEST_CA_PEM).unwrap();
-        let ca = ca.display().to_string().replace(' ', "%20");
+        let files = idemgate_testkit::pki::ca_files(dir.path());
+        let ca = &files.in_url;
         let o = Options::parse(&format!("postgres://u@h/db?sslmode=verify-full&sslrootcert={ca}")).unwrap();
         assert_eq!(o.roots.as_ref().map(Vec::len), Some(1));
         assert_eq!(o.pg.get_ssl_mode(), SslMode::Require);
@@ -308,11 +305,9 @@ mod tests {
         assert_eq!(o.pg.get_ssl_mode(), SslMode::Require);
         refused(format!("postgres://u@h/db?sslmode=require&sslrootcert={ca}&sslrootcert={ca}"), "more than once");
         refused("postgres://u@h/db?sslmode=require&sslrootcert=".into(), "needs a path");
-        let missing = dir.path().join("missing.pem");
-        refused(format!("postgres://u@h/db?sslmode=require&sslrootcert={}", missing.display()), "missing.pem");
-        let key = dir.path().join("key.pem");
-        std::fs::write(&key, NOT_A_CERTIFICATE_PEM).unwrap();
-        refused(format!("postgres://u@h/db?sslmode=require&sslrootcert={}", key.display()), "holds no PEM certificate");
+        for (path, why) in &files.refused {
+            refused(format!("postgres://u@h/db?sslmode=require&sslrootcert={path}"), why);
+        }
     }
 
     #[test]

@@ -232,13 +232,10 @@ mod tests {
 
     #[test]
     fn cacert_is_taken_out_of_the_url_and_read() {
-        use idemgate_testkit::pki::{NOT_A_CERTIFICATE_PEM, TEST_CA_PEM};
-
         let dir = tempfile::tempdir().unwrap();
-        let ca = dir.path().join("with space.pem");
-        std::fs::write(&ca, TEST_CA_PEM).unwrap();
-        let escaped = ca.display().to_string().replace(' ', "%20");
-        let pem: Arc<[u8]> = TEST_CA_PEM.as_bytes().into();
+        let files = idemgate_testkit::pki::ca_files(dir.path());
+        let escaped = &files.in_url;
+        let pem: Arc<[u8]> = idemgate_testkit::pki::TEST_CA_PEM.as_bytes().into();
 
         let t = Target::parse(&format!("rediss://u:p@h:6380/0?cacert={escaped}&protocol=resp3")).unwrap();
         assert_eq!(t.nodes, Nodes::Single("rediss://u:p@h:6380/0?protocol=resp3".into()));
@@ -254,10 +251,9 @@ mod tests {
         refused(format!("redis://u:secret@h:6379?cacert={escaped}"), "needs rediss://");
         refused(format!("rediss://u:secret@h?cacert={escaped}&cacert={escaped}"), "more than once");
         refused("rediss://u:secret@h?cacert=".into(), "needs a path");
-        refused(format!("rediss://u:secret@h?cacert={}", dir.path().join("missing.pem").display()), "missing.pem");
-        let key = dir.path().join("key.pem");
-        std::fs::write(&key, NOT_A_CERTIFICATE_PEM).unwrap();
-        refused(format!("rediss://u:secret@h?cacert={}", key.display()), "holds no PEM certificate");
+        for (path, why) in &files.refused {
+            refused(format!("rediss://u:secret@h?cacert={path}"), why);
+        }
     }
 
     #[test]

@@ -11,6 +11,33 @@ pub const TEST_CA_PEM: &str = include_str!("../../idemgate/tests/fixtures/test-c
 /// A PEM file that holds a private key and no certificate.
 pub const NOT_A_CERTIFICATE_PEM: &str = "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n";
 
+/// The files a test of a URL option naming a CA file (PostgreSQL's `sslrootcert`,
+/// Redis's `cacert`) reads, written by [`ca_files`].
+#[derive(Debug, Clone)]
+pub struct CaFiles {
+    /// [`TEST_CA_PEM`]'s file, at a path with a space, spelt `%20` as a URL carries it.
+    pub in_url: String,
+    /// The other files, each with a word of the error that refuses it: one that does
+    /// not exist, and one that holds no certificate.
+    pub refused: [(String, &'static str); 2],
+}
+
+/// Writes [`CaFiles`] into `dir`.
+pub fn ca_files(dir: &Path) -> CaFiles {
+    let ca = dir.join("ca bundle.pem");
+    std::fs::write(&ca, TEST_CA_PEM).expect("write the CA file");
+    let key = dir.join("key.pem");
+    std::fs::write(&key, NOT_A_CERTIFICATE_PEM).expect("write the key file");
+    let missing = dir.join("missing.pem");
+    CaFiles {
+        in_url: ca.display().to_string().replace(' ', "%20"),
+        refused: [
+            (missing.display().to_string(), "missing.pem"),
+            (key.display().to_string(), "holds no PEM certificate"),
+        ],
+    }
+}
+
 /// The PEM files in the directory given to [`make`].
 #[derive(Debug, Clone)]
 pub struct TestPki {
